@@ -1,0 +1,5 @@
+"""Sampling backends producing :class:`Rollouts`."""
+
+from lit_selfimprove.generation.sampler import Rollouts, generate
+
+__all__ = ["Rollouts", "generate"]

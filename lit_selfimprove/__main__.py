@@ -1,0 +1,3 @@
+from lit_selfimprove.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""``python -m lit_selfimprove fit --config configs/...yaml`` (LightningCLI, subclass mode)."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+import lit_selfimprove.callbacks  # noqa: F401  (short class names resolve)
+import lit_selfimprove.datamodules  # noqa: F401
+import lit_selfimprove.modules  # noqa: F401
+
+TOOLS = {
+    "failk": "lit_selfimprove.failk",
+    "world": "lit_selfimprove.world",
+}
+
+
+def main(args: list[str] | None = None) -> LightningCLI | None:
+    """Run LightningCLI; ``lit-selfimprove failk ...`` / ``world ...`` dispatch to the tools."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        return None
+    return LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )

@@ -1,0 +1,182 @@
+"""fail@k builder: keep the problems a model never solves in k samples (SOAR's hard sets).
+
+    python -m lit_selfimprove.failk --model builtin:tiny-student --source problems.jsonl \\
+        --out hard.jsonl --k 128 --prompt-template "Q: {question}\\nA: "
+    lit-selfimprove failk --model meta-llama/Llama-3.2-3B-Instruct --source math_test.jsonl \\
+        --out math_fail128.jsonl --max-new-tokens 1024 --use-chat-template
+
+Samples ``k`` completions per problem (temperature 1.0, the student prompt), stopping early
+for a problem as soon as one sample is correct (it cannot be 0/k any more). Writes
+``OUT`` (the 0/k problems as id/question/answer jsonl), ``OUT.train.jsonl`` /
+``OUT.test.jsonl`` (a deterministic split, 50/50 by default) and ``OUT.summary.json``.
+Progress is appended to ``OUT.progress.jsonl`` after every batch, so an interrupted run
+resumes where it stopped; each chunk of problems is sampled with its own seed, so a resumed
+run gives the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lit_selfimprove.datamodules.problems import load_problems, split_problems
+
+
+def _read_progress(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: redo that problem
+                    continue
+                done[row["id"]] = row
+    return done
+
+
+def build_fail_at_k(
+    model,
+    tokenizer,
+    records: list[dict],
+    reward,
+    out: Path,
+    k: int = 128,
+    temperature: float = 1.0,
+    max_new_tokens: int = 1024,
+    prompt_template: str = "{question}",
+    use_chat_template: bool = False,
+    problems_per_batch: int = 8,
+    samples_per_round: int = 32,
+    test_fraction: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Sample, keep the 0/k problems, write the hard set and its split; return a summary."""
+    from lit_selfimprove.generation import generate
+    from lit_selfimprove.rl.rlvr_step import score_completions
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    progress_path = out.with_name(out.name + ".progress.jsonl")
+    done = _read_progress(progress_path)
+    # Fixed chunks of the input order, each with its own seed: a resumed run redoes only the
+    # unfinished chunks and samples exactly what an uninterrupted run would have.
+    chunks = [records[i : i + problems_per_batch] for i in range(0, len(records), problems_per_batch)]
+    todo = [(i, c) for i, c in enumerate(chunks) if any(r["id"] not in done for r in c)]
+
+    def prompt(q: str) -> str:
+        text = prompt_template.format(question=q)
+        if use_chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    bar = tqdm(
+        total=len(records),
+        initial=len(records) - sum(len(c) for _, c in todo),
+        desc=f"fail@{k}",
+        disable=not progress,
+    )
+    with open(progress_path, "a") as log:
+        for index, batch in todo:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            counts = {r["id"]: {"n": 0, "correct": 0} for r in batch}
+            active = list(batch)
+            while active:
+                per = min(samples_per_round, k - counts[active[0]["id"]]["n"])
+                ro = generate(model, tokenizer, [prompt(r["question"]) for r in active], num_samples=per,
+                              max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)  # fmt: skip
+                answers = [r["answer"] for r in active for _ in range(per)]
+                _, correct = score_completions(reward, ro.texts, answers)
+                still = []
+                for r, c in zip(active, correct.view(len(active), per)):
+                    counts[r["id"]]["n"] += per
+                    counts[r["id"]]["correct"] += int(c.sum())
+                    if counts[r["id"]]["correct"] == 0 and counts[r["id"]]["n"] < k:
+                        still.append(r)
+                active = still
+            for r in batch:
+                row = {"id": r["id"], **counts[r["id"]]}
+                done[r["id"]] = row
+                log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.update(len(batch))
+    bar.close()
+
+    hard = [r for r in records if done[r["id"]]["correct"] == 0]
+    _write(out, hard)
+    summary = {"problems": len(records), "hard": len(hard), "k": k, "source_seed": seed}
+    if len(hard) >= 2:
+        train, test = split_problems(hard, test_fraction=test_fraction, seed=seed)
+        _write(out.with_name(out.stem + ".train.jsonl"), train)
+        _write(out.with_name(out.stem + ".test.jsonl"), test)
+        summary.update(train=len(train), test=len(test))
+    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps({"id": r["id"], "question": r["question"], "answer": r["answer"]}) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="lit_selfimprove.failk", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="hub id, local folder or builtin:tiny-student")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--source", required=True, help="problems: MATH/HARP/OlympiadBench/jsonl file or hub id")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--hub-split", default="test")
+    p.add_argument("--out", required=True, help="output jsonl of the 0/k problems")
+    p.add_argument("--k", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--prompt-template", default=None, help="student prompt with {question} (default: SOAR's)")
+    p.add_argument("--use-chat-template", action="store_true")
+    p.add_argument("--problems-per-batch", type=int, default=8)
+    p.add_argument("--samples-per-round", type=int, default=32)
+    p.add_argument("--test-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+    from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT
+    from lit_selfimprove.rewards import MathVerifyReward
+
+    records, skipped = load_problems(args.source, format=args.format, split=args.hub_split, limit=args.limit)
+    model = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    reward = MathVerifyReward(mode="binary")
+    try:
+        summary = build_fail_at_k(
+            model, tokenizer, records, reward, Path(args.out), k=args.k, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template or SOAR_STUDENT_PROMPT,
+            use_chat_template=args.use_chat_template, problems_per_batch=args.problems_per_batch,
+            samples_per_round=args.samples_per_round, test_fraction=args.test_fraction, seed=args.seed,
+        )  # fmt: skip
+    finally:
+        reward.close()
+    print(json.dumps(summary))
+    print(f"fail@{args.k} hard set: {args.out} (+ .train.jsonl / .test.jsonl)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""NextTokenLM: plain next-token training of a causal LM.
+
+It is the baseline for Self-Improving Pretraining and the recipe that builds the bundled
+tiny bases (``configs/tiny/pretrain_student.yaml``). The model is either loaded from a hub
+id / folder or created from scratch from a ``LlamaConfig``-style dict. Batches hold
+``input_ids``, ``attention_mask`` and ``labels`` (``-100`` = no loss).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
+    """Linear warmup then cosine decay to ``min_ratio`` of the peak (a LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class NextTokenLM(LightningModule):
+    """Next-token (teacher-forced) training of any Hugging Face causal LM.
+
+    Args:
+        model: hub id / local folder / ``builtin:NAME`` to start from; ``None`` to create a
+            Llama model from ``model_config``.
+        tokenizer: tokenizer to use (defaults to ``model``).
+        model_config: ``transformers.LlamaConfig`` kwargs for a model trained from scratch.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: cosine floor as a fraction of ``lr``.
+        dtype: parameter dtype when loading (``float32`` on CPU).
+        save_to: if set, the trained model and tokenizer are written there as a Hugging Face
+            folder when training ends.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "float32",
+        save_to: str | None = None,
+    ):
+        super().__init__()
+        if model is None and model_config is None:
+            raise ValueError(
+                "NextTokenLM needs `model` (a hub id or folder) or `model_config` (from scratch)"
+            )
+        if model is None and tokenizer is None:
+            raise ValueError("a model built from `model_config` needs a `tokenizer`")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if hp.model is not None:
+            self.model = load_causal_lm(hp.model, dtype=hp.dtype)
+        else:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            cfg = dict(hp.model_config)
+            cfg.setdefault("vocab_size", len(self.tokenizer))
+            cfg.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            cfg.setdefault("bos_token_id", self.tokenizer.bos_token_id)
+            cfg.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+            self.model = LlamaForCausalLM(LlamaConfig(**cfg))
+            rank_zero_info(
+                f"NextTokenLM: new Llama with {sum(p.numel() for p in self.model.parameters()):,} parameters"
+            )
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95)
+        )
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 10_000
+        total = int(total) if math.isfinite(total) else 10_000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_schedule(hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.save_to and self.trainer.is_global_zero:
+            path = Path(self.hparams.save_to)
+            path.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            rank_zero_info(f"NextTokenLM: saved the trained model to {path}")

@@ -1,0 +1,289 @@
+"""StudentRLVR: RL with verifiable rewards for a math student (SOAR's inner loop).
+
+Each training step (``global_step`` counts optimizer steps: one per batch of questions,
+times ``ppo_epochs``):
+
+1. sample ``group_size`` completions per question from the policy;
+2. score them with the injected reward (math-verify by default);
+3. group advantages (RLOO default, GRPO, Dr.GRPO);
+4. policy-gradient loss (optional PPO clipping) + ``kl_coef`` * k3 KL to a frozen
+   reference (no reference is kept when ``kl_coef`` is 0);
+5. manual backward, gradient clipping, optimizer step.
+
+Validation measures greedy accuracy and unbiased pass@k from ``val_num_samples`` samples.
+Batches are dicts with ``question`` and ``answer`` lists, or ``(questions, answers)`` pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+
+from lit_selfimprove.generation import generate
+from lit_selfimprove.metrics import PassAtK
+from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
+
+SOAR_STUDENT_PROMPT = (
+    "A conversation between User and Assistant. The user asks a math question, and the Assistant "
+    "solves it step by step, showing its reasoning, and ends with the final answer in the form "
+    '"The final answer is: \\boxed{{answer}}".\nUser: {question}\nAssistant:'
+)
+
+
+def unpack_problems(batch) -> tuple[list[str], list[str]]:
+    """``(questions, answers)`` from a dict batch or a ``(questions, answers)`` pair."""
+    if isinstance(batch, dict):
+        if "question" not in batch or "answer" not in batch:
+            raise KeyError(f"a problem batch needs 'question' and 'answer' keys, got {sorted(batch)}")
+        return list(batch["question"]), [str(a) for a in batch["answer"]]
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return list(batch[0]), [str(a) for a in batch[1]]
+    raise TypeError(f"cannot read (question, answer) pairs from a batch of type {type(batch).__name__}")
+
+
+class StudentRLVR(LightningModule):
+    """RLVR (RLOO / GRPO / Dr.GRPO) on (question, answer) problems for any HF causal LM.
+
+    Args:
+        model: hub id, local folder or ``builtin:tiny-student``.
+        tokenizer: defaults to ``model``.
+        reward: ``reward(completions, answers) -> Tensor``; default
+            ``MathVerifyReward(mode="shaped")`` (SOAR's 120/20/10/0).
+        prompt_template: student prompt with a ``{question}`` field (SOAR's by default).
+        use_chat_template: wrap the formatted prompt as a user turn of the tokenizer's chat template.
+        group_size: completions sampled per question (G).
+        max_new_tokens: generation budget per completion.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        advantage: ``rloo`` | ``grpo`` | ``dr_grpo``.
+        loss_aggregation: ``token`` | ``sequence`` | ``fixed`` (Dr.GRPO's constant normaliser).
+        clip_eps_low: PPO clip epsilon (``None``: no clipping, plain REINFORCE/RLOO as SOAR).
+        clip_eps_high: upper clip epsilon (defaults to ``clip_eps_low``).
+        ppo_epochs: optimizer steps per generation batch.
+        kl_coef: coefficient of the KL to the frozen reference (SOAR: 0.001).
+        kl_estimator: ``k3`` | ``k1`` | ``k2``.
+        lr: AdamW learning rate (SOAR: 1e-5).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear lr warmup (optimizer steps).
+        max_grad_norm: gradient clipping norm (``None`` disables).
+        micro_batch_size: sequences per forward/backward (gradient accumulation); ``None``: all.
+        val_num_samples: samples per validation problem for pass@k (0: greedy only).
+        val_ks: the k of pass@k (k > val_num_samples are skipped).
+        val_temperature: sampling temperature for pass@k.
+        val_max_new_tokens: generation budget at validation (defaults to ``max_new_tokens``).
+        dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs).
+        attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
+        quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
+        lora: ``peft.LoraConfig`` kwargs.
+        log_samples_every: write sample completions to ``samples.jsonl`` every N steps (0: never).
+        num_log_samples: completions written each time.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        reward: Callable | None = None,
+        prompt_template: str = SOAR_STUDENT_PROMPT,
+        use_chat_template: bool = False,
+        group_size: int = 32,
+        max_new_tokens: int = 1024,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        advantage: str = "rloo",
+        loss_aggregation: str = "token",
+        clip_eps_low: float | None = None,
+        clip_eps_high: float | None = None,
+        ppo_epochs: int = 1,
+        kl_coef: float = 0.001,
+        kl_estimator: str = "k3",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        micro_batch_size: int | None = None,
+        val_num_samples: int = 32,
+        val_ks: Sequence[int] = (1, 4, 8, 16, 32),
+        val_temperature: float = 1.0,
+        val_max_new_tokens: int | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        quantization: dict | None = None,
+        lora: dict | None = None,
+        log_samples_every: int = 50,
+        num_log_samples: int = 4,
+    ):
+        super().__init__()
+        if "{question}" not in prompt_template:
+            raise ValueError("prompt_template must contain a '{question}' field")
+        self.save_hyperparameters(ignore=["reward"])
+        self.automatic_optimization = False
+        self.rl = RLVRConfig(
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            advantage=advantage,
+            loss_aggregation=loss_aggregation,
+            clip_eps_low=clip_eps_low,
+            clip_eps_high=clip_eps_high,
+            ppo_epochs=ppo_epochs,
+            kl_coef=kl_coef,
+            kl_estimator=kl_estimator,
+            micro_batch_size=micro_batch_size,
+            max_grad_norm=max_grad_norm,
+        )
+        if reward is None:
+            from lit_selfimprove.rewards import MathVerifyReward
+
+            reward = MathVerifyReward(mode="shaped")
+        self.reward = reward
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.policy: torch.nn.Module | None = None
+        self._frozen: dict[str, torch.nn.Module] = {}  # KL reference: kept out of state_dict
+        self.val_pass_at_k = PassAtK(ks=[k for k in val_ks if k <= max(1, val_num_samples)])
+
+    # ----------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = load_causal_lm(
+            hp.model,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            quantization=hp.quantization,
+            lora=hp.lora,
+        )
+        if self.rl.kl_coef > 0:
+            self._frozen["ref"] = frozen_copy(self.policy)
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy: FSDP2
+            shard_model(self.policy, mesh)
+            if "ref" in self._frozen:
+                shard_model(self._frozen["ref"], mesh)
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        ref = self._frozen.get("ref")
+        if ref is not None:
+            param = next(ref.parameters())
+            if param.device != self.device and param.device.type != "meta":
+                ref.to(self.device)
+        return ref
+
+    def format_prompt(self, question: str) -> str:
+        text = self.hparams.prompt_template.format(question=question)
+        if self.hparams.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        warm = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # -------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> None:
+        questions, answers = unpack_problems(batch)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        stats, rollouts, rewards = rlvr_step(
+            self.policy,
+            self.tokenizer,
+            self.reward,
+            [self.format_prompt(q) for q in questions],
+            answers,
+            self.rl,
+            optimizer=opt,
+            ref_model=self.ref_model,
+            backward=self.manual_backward,
+            clip=lambda norm: self.clip_gradients(
+                opt, gradient_clip_val=norm, gradient_clip_algorithm="norm"
+            ),
+            after_step=sched.step,
+        )
+        if hasattr(self.reward, "pop_stats"):
+            stats["verify_timeouts"] = float(self.reward.pop_stats().get("timeouts", 0))
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=len(questions))
+        self.log("train/lr", sched.get_last_lr()[0], batch_size=len(questions))
+        self.log("reward", stats["reward"], prog_bar=True, logger=False, batch_size=len(questions))
+        every = self.hparams.log_samples_every
+        if every and self.global_step % every == 1 % every:
+            self._write_samples(questions, answers, rollouts.texts, rewards)
+
+    # ------------------------------------------------------------------------ validation
+    def _eval_problems(self, batch) -> dict[str, float]:
+        questions, answers = unpack_problems(batch)
+        prompts = [self.format_prompt(q) for q in questions]
+        budget = self.hparams.val_max_new_tokens or self.rl.max_new_tokens
+        greedy = generate(self.policy, self.tokenizer, prompts, max_new_tokens=budget, temperature=0.0)
+        _, greedy_correct = score_completions(self.reward, greedy.texts, answers)
+        n = self.hparams.val_num_samples
+        if n > 0:
+            sampled = generate(
+                self.policy,
+                self.tokenizer,
+                prompts,
+                num_samples=n,
+                max_new_tokens=budget,
+                temperature=self.hparams.val_temperature,
+            )
+            _, correct = score_completions(self.reward, sampled.texts, [a for a in answers for _ in range(n)])
+            self.val_pass_at_k.update(n, correct.view(-1, n).sum(-1).to(self.device))
+        return {"accuracy": float(greedy_correct.float().mean())}
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        questions, _ = unpack_problems(batch)
+        out = self._eval_problems(batch)
+        self.log("val/accuracy", out["accuracy"], prog_bar=True, batch_size=len(questions), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.val_num_samples > 0:
+            self.log_dict({f"val/{k}": v for k, v in self.val_pass_at_k.compute().items()})
+            self.val_pass_at_k.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        questions, _ = unpack_problems(batch)
+        out = self._eval_problems(batch)
+        self.log("test/accuracy", out["accuracy"], batch_size=len(questions), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        if self.hparams.val_num_samples > 0:
+            self.log_dict({f"test/{k}": v for k, v in self.val_pass_at_k.compute().items()})
+            self.val_pass_at_k.reset()
+
+    # --------------------------------------------------------------------------- samples
+    def _write_samples(self, questions, answers, texts, rewards) -> None:
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        g, k = self.rl.group_size, self.hparams.num_log_samples
+        rows = [
+            {
+                "step": self.global_step,
+                "question": questions[i // g],
+                "answer": answers[i // g],
+                "completion": texts[i],
+                "reward": float(rewards[i]),
+            }
+            for i in range(0, min(len(texts), k * g), g)
+        ]
+        path = Path(self.trainer.log_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        log_table = getattr(self.logger, "log_table", None)
+        if callable(log_table):
+            log_table(key="samples", columns=list(rows[0]), data=[list(r.values()) for r in rows])

@@ -1,0 +1,98 @@
+"""Memory-friendly per-token log-probabilities (pure torch, no Lightning)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_position_ids", "selective_log_softmax", "sequence_logprobs"]
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """``torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]`` without a full copy.
+
+    ``logits``: ``[..., V]``; ``index``: ``logits.shape[:-1]`` (integer token ids).
+
+    * float32 / float64: ``logits.gather(index) - logsumexp(logits)``, with the logsumexp computed one
+      leading-dim row at a time so that no full ``[B, T, V]`` log-softmax tensor is materialised.
+      Output dtype = input dtype.
+    * other floating types (bf16 / fp16): ``log_softmax`` computed row by row after upcasting that row
+      to float32. Output dtype is **float32** (more accurate ratios / KL downstream).
+    """
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"index shape {tuple(index.shape)} must equal logits.shape[:-1]={tuple(logits.shape[:-1])}"
+        )
+    if logits.ndim == 1:
+        return selective_log_softmax(logits.unsqueeze(0), index.unsqueeze(0)).squeeze(0)
+    index = index.long()
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return selected - lse
+    out = []
+    for row_logits, row_index in zip(logits, index):
+        row_logps = torch.log_softmax(row_logits.float(), dim=-1)
+        out.append(row_logps.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(out)
+
+
+def compute_position_ids(attention_mask: Tensor) -> Tensor:
+    """Position ids for left-padded inputs: ``(attention_mask.cumsum(-1) - 1).clamp(min=0)``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    position_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-token log-probs of ``input_ids[:, 1:]`` under a causal LM, for completion tokens only.
+
+    Runs ``model(input_ids=..., attention_mask=..., position_ids=...)`` (a Hugging Face causal LM; inputs
+    may be left-padded; ``position_ids`` default to :func:`compute_position_ids`), scales
+    ``logits[:, :-1]`` by ``1 / temperature`` and returns ``[B, T-1]`` log-probs of the next tokens,
+    zeroed wherever ``completion_mask[:, 1:]`` is 0. All positions are computed (no assumption that the
+    completion starts in the same column for every row).
+
+    ``chunk_size``: if set, the batch is split into row chunks of at most that many rows, each run as a
+    separate forward pass (bounds activation/logit memory of a single forward). The autograd graph is
+    kept, so a single ``backward()`` by the caller reaches all chunks.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
+        raise ValueError("input_ids, attention_mask and completion_mask must have the same [B, T] shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if position_ids is None:
+        position_ids = compute_position_ids(attention_mask)
+
+    batch_size, seq_len = input_ids.shape
+    if batch_size == 0 or seq_len < 2:
+        return torch.zeros(batch_size, max(seq_len - 1, 0), device=input_ids.device)
+    step = batch_size if chunk_size is None else chunk_size
+    chunks = []
+    for start in range(0, batch_size, step):
+        sl = slice(start, start + step)
+        ids = input_ids[sl]
+        outputs = model(input_ids=ids, attention_mask=attention_mask[sl], position_ids=position_ids[sl])
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        targets = ids[:, 1:]
+        rows = []
+        for row_logits, row_targets in zip(logits, targets):
+            row_logits = row_logits[:-1]
+            if temperature != 1.0:
+                row_logits = row_logits / temperature
+            rows.append(selective_log_softmax(row_logits, row_targets))
+        chunks.append(torch.stack(rows))
+        del outputs, logits
+    logps = torch.cat(chunks, dim=0)
+    keep = completion_mask[:, 1:].to(device=logps.device) != 0
+    return torch.where(keep, logps, torch.zeros_like(logps))
