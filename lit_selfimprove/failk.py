@@ -89,6 +89,8 @@ def build_fail_at_k(
         disable=not progress,
     )
     with open(progress_path, "a") as log:
+        if progress_path.stat().st_size and not progress_path.read_bytes().endswith(b"\n"):
+            log.write("\n")  # close a line cut by a crash, so the next row stays readable
         for index, batch in todo:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
             counts = {r["id"]: {"n": 0, "correct": 0} for r in batch}

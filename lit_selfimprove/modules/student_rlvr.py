@@ -160,6 +160,7 @@ class StudentRLVR(LightningModule):
             quantization=hp.quantization,
             lora=hp.lora,
         )
+        self.policy.train()  # from_pretrained returns eval mode; no dropout in most LMs anyway
         if self.rl.kl_coef > 0:
             self._frozen["ref"] = frozen_copy(self.policy)
         mesh = getattr(self, "device_mesh", None)
@@ -176,6 +177,22 @@ class StudentRLVR(LightningModule):
             if param.device != self.device and param.device.type != "meta":
                 ref.to(self.device)
         return ref
+
+    def sampling_generator(self) -> torch.Generator:
+        """RNG of all sampling, one per data-parallel rank: the global seed plus that rank.
+
+        ``seed_everything`` gives every rank the same global RNG state, so ranks sampling from the
+        global RNG draw the same random numbers (identical or correlated completions across ranks).
+        """
+        gen = getattr(self, "_sampling_gen", None)
+        if gen is None or gen.device != self.device:
+            rank, mesh = self.global_rank, getattr(self, "device_mesh", None)
+            if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+                rank = mesh["data_parallel"].get_local_rank()  # tensor-parallel peers sample alike
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+            self._sampling_gen = gen
+        return gen
 
     def format_prompt(self, question: str) -> str:
         text = self.hparams.prompt_template.format(question=question)
@@ -208,6 +225,7 @@ class StudentRLVR(LightningModule):
             self.rl,
             optimizer=opt,
             ref_model=self.ref_model,
+            generator=self.sampling_generator(),
             backward=self.manual_backward,
             clip=lambda norm: self.clip_gradients(
                 opt, gradient_clip_val=norm, gradient_clip_algorithm="norm"
@@ -239,6 +257,7 @@ class StudentRLVR(LightningModule):
                 num_samples=n,
                 max_new_tokens=budget,
                 temperature=self.hparams.val_temperature,
+                generator=self.sampling_generator(),
             )
             _, correct = score_completions(self.reward, sampled.texts, [a for a in answers for _ in range(n)])
             self.val_pass_at_k.update(n, correct.view(-1, n).sum(-1).to(self.device))

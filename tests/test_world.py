@@ -1,0 +1,91 @@
+"""The embedded tiny world: problems, scratchpads, the char tokenizer, the asset recipe."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lit_selfimprove.datamodules.arithmetic import (
+    ArithmeticProblemDataModule,
+    generate_problems,
+    make_problem,
+    student_solution,
+    teacher_text,
+)
+from lit_selfimprove.modeling import load_tokenizer
+from lit_selfimprove.world import quick_correct
+from tests.conftest import REPO
+
+
+def test_scratchpad_is_correct_and_grows_with_level():
+    rng = random.Random(0)
+    for level in range(1, 7):
+        for _ in range(50):
+            p = make_problem(level, rng)
+            sol = student_solution(p["question"])
+            assert quick_correct(sol, p["answer"])
+            steps = sol.split(" ")[0].split(",")
+            assert len(steps) == level  # one digit step per level
+            a, b = (int(x) for x in p["question"].split("+"))
+            assert len(str(a)) == len(str(b)) == level and int(p["answer"]) == a + b
+    assert student_solution("345+678") == "5+8=13,4+7+1=12,3+6+1=10 \\boxed{1023}"
+
+
+def test_problem_sets_are_deterministic_distinct_and_disjoint():
+    a, b = generate_problems([3], 100, seed=1), generate_problems([3], 100, seed=1)
+    assert a == b and len({p["question"] for p in a}) == 100
+    c = generate_problems([3], 100, seed=2, exclude={p["question"] for p in a})
+    assert not {p["question"] for p in a} & {p["question"] for p in c}
+    with pytest.raises(ValueError, match="distinct"):
+        generate_problems([1], 101, seed=0)  # only 10 x 10 one-digit problems exist
+    dm = ArithmeticProblemDataModule(levels=[2], num_train=50, num_test=20)
+    dm.setup("fit")
+    assert not {r["question"] for r in dm.train_records} & {r["question"] for r in dm.test_records}
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) >= {"id", "question", "answer"} and len(batch["question"]) == 8
+
+
+def test_char_tokenizer_round_trips():
+    tok = load_tokenizer("builtin:tiny-tokenizer")
+    text = "Q: 12+34\nA: " + student_solution("12+34") + teacher_text("9+9", "18")
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_asset_recipe_rebuilds_at_reduced_budget(tmp_path):
+    """`python -m lit_selfimprove.world build` retrains both bases and rebuilds the hard set."""
+    out = tmp_path / "assets"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lit_selfimprove.world",
+        "build",
+        "--out-dir",
+        str(out),
+        "--steps",
+        "300",
+        "--k",
+        "4",
+    ]
+    subprocess.run(cmd, check=True, cwd=REPO, timeout=1200)
+    for name in ("tiny-tokenizer", "tiny-student", "tiny-teacher"):
+        assert (out / name / "config.json").exists() or name == "tiny-tokenizer"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "lit_selfimprove.world", "eval", "--model", str(out / "tiny-student"), "--levels", "1", "--num", "50"],
+        check=True, capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    accuracy = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert accuracy["1"]["greedy"] >= 0.3, accuracy  # even a short build learns one-digit sums
+    hard = [json.loads(line) for line in open(out / "tiny-hard" / "hard.jsonl")]
+    assert hard and all(re.fullmatch(r"\d{5,6}\+\d{5,6}", r["question"]) for r in hard)
+    assert (out / "tiny-hard" / "hard.train.jsonl").exists() and (
+        out / "tiny-hard" / "hard.test.jsonl"
+    ).exists()
