@@ -18,7 +18,9 @@ Lightning's ``on_train_batch_start`` / ``on_train_batch_end`` (ours) and HF's ``
 optimizer step.
 
 Writes ``benchmarks/results/student_rlvr_vs_trl.json`` (raw per-step times, settings, versions, CPU)
-and prints a markdown table. Needs the ``bench`` extra (``pip install -e '.[bench]'``).
+and prints a markdown table. Both workers use ``--threads`` torch threads (1 by default: only one
+worker runs at a time, but other jobs may share the machine). Needs the ``bench`` extra
+(``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -286,7 +289,9 @@ class Worker:
     def __init__(self, name: str, ctx, cfg: dict, timeout: float):
         self.name, self.timeout = name, timeout
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(name, child, cfg), name=f"bench-{name}")
+        self.proc = ctx.Process(
+            target=worker_main, args=(name, child, cfg), name=f"bench-{name}", daemon=True
+        )
         self.proc.start()
         child.close()
         self.blocked = False  # waiting for "go"
@@ -314,6 +319,7 @@ class Worker:
             self.blocked = True
         elif msg[0] == "result":
             self.finished = True
+            self.proc.join(timeout=60)  # let it exit before the other worker's next step
         else:
             raise RuntimeError(f"{self.name}: unexpected message {msg!r}")
 
@@ -331,11 +337,15 @@ class Worker:
         return msg[1]
 
     def close(self) -> None:
+        """Stop the worker: it has normally exited already; otherwise terminate, then kill it."""
         if self.proc.is_alive():
-            self.proc.join(timeout=60)
+            self.proc.join(timeout=60 if self.finished else 0)
         if self.proc.is_alive():
             self.proc.terminate()
-            self.proc.join()
+            self.proc.join(timeout=10)
+        if self.proc.is_alive():  # Lightning traps SIGTERM
+            self.proc.kill()
+        self.proc.join()
 
 
 def summarize(times: list[float]) -> dict:
@@ -396,12 +406,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reward", choices=("quick", "mathverify"), default="quick")
     p.add_argument("--level", type=int, default=3, help="tiny-world problem level (digits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads in both workers (0: default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads in both workers (0: torch's default). 1 by default: on a small shared "
+        "machine several threads per worker oversubscribe the cores and make step times erratic",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for any one message")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
 
     total = args.warmup + args.steps
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="bench_rlvr_") as tmp_str:
         tmp = Path(tmp_str)
         model_path, model_desc = resolve_model(args.model, tmp)

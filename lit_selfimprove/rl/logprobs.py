@@ -13,11 +13,10 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
 
     ``logits``: ``[..., V]``; ``index``: ``logits.shape[:-1]`` (integer token ids).
 
-    * float32 / float64: ``logits.gather(index) - logsumexp(logits)``, with the logsumexp computed one
-      leading-dim row at a time so that no full ``[B, T, V]`` log-softmax tensor is materialised.
-      Output dtype = input dtype.
-    * other floating types (bf16 / fp16): ``log_softmax`` computed row by row after upcasting that row
-      to float32. Output dtype is **float32** (more accurate ratios / KL downstream).
+    ``logits.gather(index) - logsumexp(logits)`` over chunks of positions (at most ~64M logits a
+    chunk), so no full ``[B, T, V]`` log-softmax is materialised. float32 / float64 keep their
+    dtype; bf16 / fp16 chunks are upcast, so the output is **float32** (more accurate ratios /
+    KL downstream).
     """
     if index.shape != logits.shape[:-1]:
         raise ValueError(
@@ -26,15 +25,21 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     if logits.ndim == 1:
         return selective_log_softmax(logits.unsqueeze(0), index.unsqueeze(0)).squeeze(0)
     index = index.long()
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        return selected - lse
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_index = index.reshape(-1)
+    # rows per chunk: bounded so a chunk's float32 temporaries stay under ~64M elements
+    rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     out = []
-    for row_logits, row_index in zip(logits, index):
-        row_logps = torch.log_softmax(row_logits.float(), dim=-1)
-        out.append(row_logps.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(out)
+    for start in range(0, flat_logits.shape[0], rows):
+        chunk = flat_logits[start : start + rows]
+        if chunk.dtype not in (torch.float32, torch.float64):
+            chunk = chunk.float()
+        picked = chunk.gather(-1, flat_index[start : start + rows, None]).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out).reshape(index.shape)
+
+
+_CHUNK_ELEMENTS = 1 << 26
 
 
 def compute_position_ids(attention_mask: Tensor) -> Tensor:
@@ -77,22 +82,37 @@ def sequence_logprobs(
     batch_size, seq_len = input_ids.shape
     if batch_size == 0 or seq_len < 2:
         return torch.zeros(batch_size, max(seq_len - 1, 0), device=input_ids.device)
+    # Only positions that predict a completion token need logits: with left-padded prompts
+    # followed by completions that is a suffix of the sequence, so ask the model for just those
+    # (``logits_to_keep``) and skip the LM head over the prompt.
+    active = (completion_mask[:, 1:] != 0).any(0).nonzero()
+    first = int(active[0]) if len(active) else seq_len - 1
+    keep = seq_len - first  # logits of positions first .. T-1; the last one predicts nothing
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     step = batch_size if chunk_size is None else chunk_size
     chunks = []
     for start in range(0, batch_size, step):
         sl = slice(start, start + step)
         ids = input_ids[sl]
-        outputs = model(input_ids=ids, attention_mask=attention_mask[sl], position_ids=position_ids[sl])
+        outputs = model(
+            input_ids=ids, attention_mask=attention_mask[sl], position_ids=position_ids[sl], **kwargs
+        )
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        targets = ids[:, 1:]
-        rows = []
-        for row_logits, row_targets in zip(logits, targets):
-            row_logits = row_logits[:-1]
-            if temperature != 1.0:
-                row_logits = row_logits / temperature
-            rows.append(selective_log_softmax(row_logits, row_targets))
-        chunks.append(torch.stack(rows))
+        logits = logits[:, -keep:-1] if keep > 1 else logits[:, :0]
+        if temperature != 1.0:
+            logits = logits / temperature
+        part = selective_log_softmax(logits, ids[:, first + 1 :])
+        chunks.append(torch.nn.functional.pad(part, (first, 0)))
         del outputs, logits
     logps = torch.cat(chunks, dim=0)
-    keep = completion_mask[:, 1:].to(device=logps.device) != 0
-    return torch.where(keep, logps, torch.zeros_like(logps))
+    keep_mask = completion_mask[:, 1:].to(device=logps.device) != 0
+    return torch.where(keep_mask, logps, torch.zeros_like(logps))
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
