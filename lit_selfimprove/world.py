@@ -97,7 +97,7 @@ def build(configs_dir: Path, out_dir: Path, steps: int | None, k: int) -> None:
         )
     candidates = out_dir / "tiny-hard" / "candidates.jsonl"
     candidates.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(candidates, generate_problems([5, 6], 256, seed=2026))
+    _write_jsonl(candidates, generate_problems([5, 6], 128, seed=2026))
     from lit_selfimprove import failk
 
     failk.main(
@@ -111,6 +111,7 @@ def build(configs_dir: Path, out_dir: Path, steps: int | None, k: int) -> None:
         ]
     )  # fmt: skip
     candidates.unlink()
+    (out_dir / "tiny-hard" / "hard.jsonl.progress.jsonl").unlink(missing_ok=True)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

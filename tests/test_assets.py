@@ -13,7 +13,7 @@ from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.world import level_accuracy, teacher_stats
 from tests.conftest import ASSETS, needs_assets
 
-MEDIUM_LEVEL = 4
+MEDIUM_LEVEL = 3
 
 
 @needs_assets("tiny-student", "tiny-teacher", "tiny-hard")

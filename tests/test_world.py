@@ -89,3 +89,24 @@ def test_asset_recipe_rebuilds_at_reduced_budget(tmp_path):
     assert (out / "tiny-hard" / "hard.train.jsonl").exists() and (
         out / "tiny-hard" / "hard.test.jsonl"
     ).exists()
+
+
+def test_sloppy_solutions_forget_carries_consistently():
+    rng = random.Random(0)
+    wrong = 0
+    for _ in range(200):
+        p = make_problem(3, rng)
+        sol = student_solution(p["question"], carry_drop=0.6, rng=rng)
+        steps = sol.split(" ")[0].split(",")
+        # each step's arithmetic is right; the boxed result is what the steps add up to
+        digits, carry = [], 0
+        for step in steps:
+            terms, total = step.split("=")
+            assert sum(int(t) for t in terms.split("+")) == int(total)
+            digits.append(int(total) % 10)
+            carry = int(total) // 10
+        stated = int((str(carry) if carry else "") + "".join(str(d) for d in reversed(digits)))
+        assert quick_correct(sol, str(stated))
+        wrong += not quick_correct(sol, p["answer"])
+    assert 40 < wrong < 160  # many, not all, sloppy solutions are wrong
+    assert student_solution("999+1", carry_drop=1.0, rng=rng).endswith("\\boxed{990}")

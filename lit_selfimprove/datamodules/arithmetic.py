@@ -2,13 +2,17 @@
 
 Level ``L`` is the sum of two ``L``-digit numbers. The student answers with a short
 scratchpad that adds digit by digit from the least significant end and then boxes the
-result, e.g. ``345+678`` -> ``5+8=13,4+7+1=12,3+6+1=10 \\boxed{1023}``. Each extra level
-adds one more step of the same skill at positions the model has not seen, so:
+result, e.g. ``345+678`` -> ``5+8=13,4+7+1=12,3+6+1=10 \\boxed{1023}``. The bundled student
+base (``configs/tiny/pretrain_student.yaml``) is pre-trained on levels 1-4, where the
+solutions of levels 3-4 come from "imperfect data" that forgets each carry with
+probability 0.7. So:
 
-* levels 1-2 are learnable quickly (the bases are pre-trained on them),
-* level 3 (medium) is only partly solved by the base student (it saw few examples),
-* levels 5-6 (hard) are out of reach of the base (0/k), but become reachable step by step
-  through the intermediate lengths (3, 4): the situation SOAR is about.
+* levels 1-2 are solved;
+* level 3 (medium) is only partly solved (~34% greedy): the right habit is in the model's
+  distribution but is not its mode, which is exactly what RL with verifiable rewards fixes;
+* levels 5-6 (hard) are never seen: the base is 0/k there (its fail@k hard set), and every
+  extra level is one more step of the same skill at positions never trained, reachable
+  through the intermediate lengths: the situation SOAR is about.
 
 The teacher writes problems as ``<question>345+678</question><answer>\\boxed{1023}</answer>``
 with no scratchpad, so its answers to long problems are often wrong, as in the paper.
@@ -36,17 +40,26 @@ def make_problem(level: int, rng: random.Random) -> dict:
     return {"question": f"{a}+{b}", "answer": str(a + b), "level": level}
 
 
-def student_solution(question: str) -> str:
-    """The reference scratchpad solution for ``a+b`` ending in ``\\boxed{a+b}``."""
+def student_solution(question: str, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
+    """The scratchpad solution for ``a+b`` ending in ``\\boxed{...}``.
+
+    With ``carry_drop`` > 0 each carry is forgotten with that probability (a sloppy solution,
+    as found in imperfect pre-training data): the steps and the boxed result then agree with
+    each other but the result is wrong.
+    """
     left, right = question.split("+")
     width = max(len(left), len(right))
     da, db = left.zfill(width)[::-1], right.zfill(width)[::-1]
-    steps, carry = [], 0
+    steps, carry, digits = [], 0, []
     for x, y in zip(da, db):
+        if carry and carry_drop and rng is not None and rng.random() < carry_drop:
+            carry = 0
         s = int(x) + int(y) + carry
         steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
+        digits.append(str(s % 10))
         carry = s // 10
-    return ",".join(steps) + f" \\boxed{{{int(left) + int(right)}}}"
+    result = (str(carry) if carry else "") + "".join(reversed(digits))
+    return ",".join(steps) + f" \\boxed{{{int(result)}}}"
 
 
 def teacher_text(question: str, answer: str) -> str:
@@ -85,15 +98,28 @@ def generate_problems(
 class _PretrainStream(IterableDataset):
     """Endless stream of tokenized pre-training examples (loss only on the generated part)."""
 
-    def __init__(self, role: str, level_weights: Sequence[float], tokenizer, seed: int, max_length: int):
+    def __init__(
+        self,
+        role: str,
+        level_weights: Sequence[float],
+        tokenizer,
+        seed: int,
+        max_length: int,
+        sloppy_levels: Sequence[int] = (),
+        carry_drop: float = 0.0,
+    ):
         self.role, self.level_weights, self.tokenizer = role, list(level_weights), tokenizer
         self.seed, self.max_length = seed, max_length
+        self.sloppy_levels, self.carry_drop = set(sloppy_levels), carry_drop
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         level = sample_levels(self.level_weights, 1, rng)[0]
         p = make_problem(level, rng)
         if self.role == "student":
-            return TINY_STUDENT_PROMPT.format(question=p["question"]), student_solution(p["question"])
+            drop = self.carry_drop if level in self.sloppy_levels else 0.0
+            return TINY_STUDENT_PROMPT.format(question=p["question"]), student_solution(
+                p["question"], drop, rng
+            )
         return TINY_TEACHER_PROMPT, teacher_text(p["question"], p["answer"])
 
     def __iter__(self) -> Iterator[dict]:
@@ -135,6 +161,8 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         seed: stream seed (the validation stream uses ``seed + 1``).
         max_length: truncation length in tokens.
         val_batches: number of validation batches.
+        sloppy_levels: levels whose student solutions are sloppy (imperfect data).
+        carry_drop: probability that a sloppy solution forgets each carry.
     """
 
     def __init__(
@@ -146,8 +174,12 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         seed: int = 0,
         max_length: int = 128,
         val_batches: int = 4,
+        sloppy_levels: list[int] = (),
+        carry_drop: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= carry_drop <= 1.0:
+            raise ValueError(f"carry_drop must be in [0, 1], got {carry_drop}")
         if role not in ("student", "teacher"):
             raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
         if not level_weights or any(w < 0 for w in level_weights) or sum(level_weights) <= 0:
@@ -155,6 +187,7 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         self.role, self.level_weights = role, list(level_weights)
         self.tokenizer_name, self.batch_size, self.seed = tokenizer, batch_size, seed
         self.max_length, self.val_batches = max_length, val_batches
+        self.sloppy_levels, self.carry_drop = list(sloppy_levels), carry_drop
         self.tokenizer = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -163,7 +196,15 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         self.tokenizer = load_tokenizer(self.tokenizer_name)
 
     def _loader(self, seed: int) -> DataLoader:
-        ds = _PretrainStream(self.role, self.level_weights, self.tokenizer, seed, self.max_length)
+        ds = _PretrainStream(
+            self.role,
+            self.level_weights,
+            self.tokenizer,
+            seed,
+            self.max_length,
+            self.sloppy_levels,
+            self.carry_drop,
+        )
         pad = self.tokenizer.pad_token_id
         return DataLoader(ds, batch_size=self.batch_size, collate_fn=lambda b: pad_collate(b, pad))
 

@@ -1,0 +1,648 @@
+"""TeacherMetaRL: SOAR's outer loop, a teacher that learns to write stepping-stone problems.
+
+One ``training_step`` is one outer step (manual optimization: ``global_step`` counts teacher
+optimizer steps, i.e. outer steps; the inner student trainings use plain optimizers and do not
+count). Its batch is Q_R, fresh questions of D_train: Q_R's size is the DataModule's
+``batch_size`` (SOAR: 64, resampled every outer step, so use a shuffling DataModule).
+
+1. the teacher samples completions in rounds of ``teacher_batch`` until ``g * n`` valid
+   ``<question>..</question><answer>\\boxed{..}</answer>`` pairs exist (rejection sampling, at
+   most ``max_sampling_rounds`` rounds); in sampling order they form g datasets X_1..X_g of n;
+2. greedy accuracy of the baseline student (``self.student``) on Q_R;
+3. a reward R_k per dataset:
+   * ``grounded`` (SOAR): for each X_k, r times: restore the student in place from the baseline
+     snapshot taken at the start of the step, train it with RLVR on X_k for ``inner_steps`` steps
+     (fresh AdamW), measure its greedy accuracy on Q_R. R_k = mean over the repeats of
+     (accuracy - baseline accuracy);
+   * ``intrinsic`` (Intrinsic-T): learnability of X_k for the baseline student (no training);
+4. teacher update: A_k = R_k - mean_{j != k} R_j (RLOO over datasets) on every rollout of X_k;
+   policy-gradient loss over the whole teacher completions (token mean) + ``kl_coef`` * k3 KL to
+   the frozen initial teacher; linear warmup, gradient clipping, one AdamW step;
+5. the student is the baseline again; ``self.last_outer`` holds the step's rewards, datasets and,
+   per dataset, the median-reward trained student (CPU state dict) for a promotion callback.
+
+Validation / test measure the baseline student's greedy accuracy on the DataModule's test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+
+from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer
+from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
+from lit_selfimprove.rl.logprobs import sequence_logprobs
+from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
+from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
+from lit_selfimprove.rl.teacher import (
+    learnability,
+    math_verify_parseable,
+    parse_pairs,
+    teacher_advantages,
+)
+
+SOAR_TEACHER_PROMPT = (
+    "You are a creative math teacher. Write ONE new, original and challenging math problem that "
+    "takes 2-3 steps to solve, from one of these topics: Algebra, Counting & Probability, Geometry, "
+    "Intermediate Algebra, Number Theory, Prealgebra, Precalculus.\n"
+    "Think it through first; all your reasoning goes outside the tags. Then write the problem and "
+    "its final answer exactly in this format:\n"
+    "<question>the problem statement</question><answer>\\boxed{the final answer}</answer>"
+)
+
+TEACHER_REWARDS = ("grounded", "intrinsic")
+ANSWER_CHECKS = ("auto", "math_verify", "light")
+
+
+class TeacherMetaRL(LightningModule):
+    """SOAR: meta-RL of a teacher LM whose reward is the progress of a student trained on its problems.
+
+    Paper names: g = ``num_datasets``, n = ``dataset_size``, r = ``num_repeats``, |Q_R| = the
+    DataModule's ``batch_size``. Defaults are the paper's.
+
+    Args:
+        teacher: teacher model (hub id, local folder or ``builtin:tiny-teacher``).
+        student: baseline student model (hub id, local folder or ``builtin:tiny-student``).
+        teacher_tokenizer: defaults to ``teacher``.
+        student_tokenizer: defaults to ``student``.
+        reward: student reward ``reward(completions, answers) -> Tensor`` (with an optional
+            ``score`` method for correctness); default ``MathVerifyReward(mode="shaped")``.
+            Used for inner RLVR (against the teacher's answers) and for accuracy on Q_R.
+        teacher_prompt: the teacher's prompt (no fields); SOAR's paraphrased by default.
+        prompt_template: student prompt with a ``{question}`` field.
+        use_chat_template: wrap both prompts as a user turn of their tokenizer's chat template.
+        teacher_reward: ``grounded`` (SOAR) or ``intrinsic`` (learnability, Intrinsic-T).
+        num_datasets: g, datasets per outer step (RLOO group over datasets, >= 2).
+        dataset_size: n, (question, answer) pairs per dataset.
+        num_repeats: r, inner trainings per dataset (grounded reward).
+        teacher_batch: completions sampled per rejection-sampling round (default ``g * n``).
+        max_sampling_rounds: rounds before giving up with a ``RuntimeError`` (the paper is silent).
+        teacher_max_new_tokens: teacher generation budget.
+        teacher_temperature: teacher sampling temperature.
+        teacher_top_p: teacher nucleus threshold.
+        answer_check: when a boxed answer counts as parseable: ``auto`` (the reward's
+            ``parseable(answers) -> [bool]`` if it has one, else ``math_verify``), ``math_verify``
+            (``math_verify.parse`` yields a symbolic expression, in this process, length-capped and
+            guarded by a timeout, see :func:`lit_selfimprove.rl.teacher.math_verify_parseable`) or
+            ``light`` (structure only: non-empty, balanced braces).
+        max_answer_chars: longer boxed answers are invalid.
+        inner_steps: RLVR steps per inner training.
+        inner_batch: questions of X_k per inner step (cycling through a fresh shuffle of X_k).
+        inner_group_size: completions per question in the inner RLOO.
+        inner_max_new_tokens: student generation budget in inner training.
+        inner_temperature: student sampling temperature (inner training and intrinsic reward).
+        inner_lr: AdamW learning rate of the inner trainings (fresh optimizer every time).
+        inner_weight_decay: AdamW weight decay of the inner trainings.
+        inner_kl_coef: KL coefficient to the baseline student in inner training. Default 0: the
+            paper mentions a small KL for its student RLOO, but inner trainings are 10 steps from
+            the baseline and thrown away, so a reference copy buys nothing there.
+        inner_advantage: ``rloo`` | ``grpo`` | ``dr_grpo``.
+        inner_max_grad_norm: gradient clipping of the inner trainings (``None`` disables).
+        inner_micro_batch_size: sequences per inner forward/backward (``None``: all).
+        eval_max_new_tokens: greedy budget for accuracy on Q_R and validation (default
+            ``inner_max_new_tokens``).
+        eval_batch_size: prompts per greedy generation call (``None``: all at once).
+        intrinsic_samples: student samples per question for the intrinsic reward (paper: 32).
+        lr: teacher AdamW learning rate.
+        weight_decay: teacher AdamW weight decay.
+        warmup_steps: linear warmup of the teacher lr (outer steps).
+        kl_coef: coefficient of the KL to the frozen initial teacher (0: no copy is kept).
+        kl_estimator: ``k3`` | ``k1`` | ``k2``.
+        max_grad_norm: teacher gradient clipping (``None`` disables).
+        teacher_micro_batch_size: teacher rollouts per forward/backward (``None``: all).
+        keep_median_students: keep each dataset's median-reward trained student (CPU state dict)
+            in ``last_outer`` (needed by promotion; costs r CPU copies of the student per dataset
+            while the dataset's repeats run, g at the end of the step).
+        dtype: parameter dtype of both models.
+        attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
+        log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
+            the log dir every N outer steps (0: never).
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        student: str,
+        teacher_tokenizer: str | None = None,
+        student_tokenizer: str | None = None,
+        reward: Callable | None = None,
+        teacher_prompt: str = SOAR_TEACHER_PROMPT,
+        prompt_template: str = SOAR_STUDENT_PROMPT,
+        use_chat_template: bool = False,
+        teacher_reward: str = "grounded",
+        num_datasets: int = 4,
+        dataset_size: int = 64,
+        num_repeats: int = 4,
+        teacher_batch: int | None = None,
+        max_sampling_rounds: int = 16,
+        teacher_max_new_tokens: int = 512,
+        teacher_temperature: float = 1.0,
+        teacher_top_p: float = 1.0,
+        answer_check: str = "auto",
+        max_answer_chars: int = 200,
+        inner_steps: int = 10,
+        inner_batch: int = 8,
+        inner_group_size: int = 32,
+        inner_max_new_tokens: int = 1024,
+        inner_temperature: float = 1.0,
+        inner_lr: float = 1e-5,
+        inner_weight_decay: float = 0.0,
+        inner_kl_coef: float = 0.0,
+        inner_advantage: str = "rloo",
+        inner_max_grad_norm: float | None = 1.0,
+        inner_micro_batch_size: int | None = None,
+        eval_max_new_tokens: int | None = None,
+        eval_batch_size: int | None = None,
+        intrinsic_samples: int = 32,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        kl_coef: float = 0.001,
+        kl_estimator: str = "k3",
+        max_grad_norm: float | None = 1.0,
+        teacher_micro_batch_size: int | None = None,
+        keep_median_students: bool = True,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        log_samples_every: int = 10,
+    ):
+        super().__init__()
+        if "{question}" not in prompt_template:
+            raise ValueError("prompt_template must contain a '{question}' field")
+        if teacher_reward not in TEACHER_REWARDS:
+            raise ValueError(f"teacher_reward must be one of {TEACHER_REWARDS}, got {teacher_reward!r}")
+        if answer_check not in ANSWER_CHECKS:
+            raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
+        if num_datasets < 2:
+            raise ValueError(f"num_datasets must be >= 2 for RLOO over datasets, got {num_datasets}")
+        for name, value in (
+            ("dataset_size", dataset_size),
+            ("num_repeats", num_repeats),
+            ("max_sampling_rounds", max_sampling_rounds),
+            ("inner_steps", inner_steps),
+            ("inner_batch", inner_batch),
+            ("intrinsic_samples", intrinsic_samples),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if teacher_batch is not None and teacher_batch < 1:
+            raise ValueError(f"teacher_batch must be >= 1 or None, got {teacher_batch}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
+        self.save_hyperparameters(ignore=["reward"])
+        self.automatic_optimization = False
+        self.inner_rl = RLVRConfig(
+            group_size=inner_group_size,
+            max_new_tokens=inner_max_new_tokens,
+            temperature=inner_temperature,
+            advantage=inner_advantage,
+            kl_coef=inner_kl_coef,
+            micro_batch_size=inner_micro_batch_size,
+            max_grad_norm=inner_max_grad_norm,
+        )
+        if reward is None:
+            from lit_selfimprove.rewards import MathVerifyReward
+
+            reward = MathVerifyReward(mode="shaped")
+        self.reward = reward
+        self.teacher_tokenizer = load_tokenizer(teacher_tokenizer or teacher)
+        self.student_tokenizer = load_tokenizer(student_tokenizer or student)
+        self.teacher: torch.nn.Module | None = None
+        self.student: torch.nn.Module | None = None
+        # frozen initial teacher (KL reference) and baseline-student reference: not in state_dict
+        self._frozen: dict[str, torch.nn.Module] = {}
+        self.last_outer: dict | None = None
+
+    # ----------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.teacher is not None:
+            return
+        hp = self.hparams
+        kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation}
+        self.teacher = load_causal_lm(hp.teacher, **kwargs)
+        self.student = load_causal_lm(hp.student, **kwargs)
+        self.teacher.train()
+        self.student.train()
+        if hp.kl_coef > 0:
+            self._frozen["ref"] = frozen_copy(self.teacher)
+
+    def _frozen_model(self, key: str) -> torch.nn.Module | None:
+        model = self._frozen.get(key)
+        if model is not None:
+            param = next(model.parameters())
+            if param.device != self.device and param.device.type != "meta":
+                model.to(self.device)
+        return model
+
+    @property
+    def ref_teacher(self) -> torch.nn.Module | None:
+        """The frozen initial teacher (``None`` when ``kl_coef`` is 0)."""
+        return self._frozen_model("ref")
+
+    def sampling_generator(self) -> torch.Generator:
+        """RNG of all sampling and shuffling: the global seed plus the rank (see StudentRLVR)."""
+        gen = getattr(self, "_sampling_gen", None)
+        if gen is None or gen.device != self.device:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+            self._sampling_gen = gen
+        return gen
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [p for p in self.teacher.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        warm = max(1, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # ---------------------------------------------------------------------------- prompts
+    def teacher_prompt_text(self) -> str:
+        text = self.hparams.teacher_prompt
+        if self.hparams.use_chat_template:
+            text = self.teacher_tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def format_student_prompt(self, question: str) -> str:
+        text = self.hparams.prompt_template.format(question=question)
+        if self.hparams.use_chat_template:
+            text = self.student_tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    # ------------------------------------------------------------- 1. teacher sampling
+    def answers_ok(self) -> Callable[[list[str]], list[bool]] | None:
+        """The parseability check of boxed answers chosen by ``answer_check`` (``None``: structure only)."""
+        mode = self.hparams.answer_check
+        if mode == "light":
+            return None
+        if mode == "auto" and callable(getattr(self.reward, "parseable", None)):
+            return self.reward.parseable
+        return functools.partial(math_verify_parseable, timeout=2)
+
+    def sample_teacher_round(self, num_samples: int) -> Rollouts:
+        """One round of ``num_samples`` teacher completions (override for another sampling backend)."""
+        hp = self.hparams
+        return generate(
+            self.teacher,
+            self.teacher_tokenizer,
+            [self.teacher_prompt_text()],
+            num_samples=num_samples,
+            max_new_tokens=hp.teacher_max_new_tokens,
+            temperature=hp.teacher_temperature,
+            top_p=hp.teacher_top_p,
+            generator=self.sampling_generator(),
+        )
+
+    def sample_valid_pairs(self) -> tuple[list[tuple[str, str]], Rollouts, dict[str, float]]:
+        """Rejection sampling: ``(pairs, rollouts, stats)`` with exactly ``g * n`` valid pairs, and
+        the teacher rollouts they came from (row i wrote pair i). Raises ``RuntimeError`` (naming the
+        validity rate) when ``max_sampling_rounds`` rounds do not give enough valid pairs."""
+        hp = self.hparams
+        needed = hp.num_datasets * hp.dataset_size
+        per_round = hp.teacher_batch or needed
+        check = self.answers_ok()
+        pairs: list[tuple[str, str]] = []
+        kept: list[Rollouts] = []
+        sampled = valid = rounds = 0
+        lengths, truncated = [], []
+        while len(pairs) < needed:
+            if rounds == hp.max_sampling_rounds:
+                rate = valid / max(1, sampled)
+                raise RuntimeError(
+                    f"TeacherMetaRL: the teacher wrote {valid} valid (question, answer) pairs in {sampled} "
+                    f"samples ({rounds} rounds of {per_round}): validity rate {rate:.1%}, but "
+                    f"num_datasets * dataset_size = {needed} are needed. Raise max_sampling_rounds or "
+                    "teacher_batch, or check teacher_prompt, teacher_max_new_tokens and answer_check."
+                )
+            ro = self.sample_teacher_round(per_round)
+            rounds += 1
+            sampled += len(ro)
+            lengths.append(ro.lengths.float())
+            truncated.append((~ro.finished).float())
+            parsed = parse_pairs(ro.texts, check, hp.max_answer_chars)
+            good = [i for i, p in enumerate(parsed) if p is not None]
+            valid += len(good)
+            take = good[: needed - len(pairs)]
+            if take:
+                kept.append(select_rollouts(ro, take))
+                pairs.extend(parsed[i] for i in take)
+        stats = {
+            "validity": valid / sampled,
+            "sampling_rounds": float(rounds),
+            "completion_len": float(torch.cat(lengths).mean()),
+            "truncated_frac": float(torch.cat(truncated).mean()),
+        }
+        return pairs, concat_rollouts(kept, self.teacher_tokenizer.pad_token_id), stats
+
+    # ------------------------------------------------------------------ 2. student accuracy
+    def greedy_accuracy(self, questions: list[str], answers: list[str]) -> float:
+        """Greedy accuracy of ``self.student`` (in its current weights) on the given problems."""
+        hp = self.hparams
+        prompts = [self.format_student_prompt(q) for q in questions]
+        step = hp.eval_batch_size or len(prompts)
+        budget = hp.eval_max_new_tokens or hp.inner_max_new_tokens
+        correct = []
+        for i in range(0, len(prompts), step):
+            ro = generate(
+                self.student,
+                self.student_tokenizer,
+                prompts[i : i + step],
+                max_new_tokens=budget,
+                temperature=0.0,
+            )
+            correct.append(score_completions(self.reward, ro.texts, answers[i : i + step])[1])
+        return float(torch.cat(correct).float().mean())
+
+    # ------------------------------------------------------------------ 3. teacher rewards
+    def train_inner_student(
+        self, questions: list[str], answers: list[str], ref_model: torch.nn.Module | None = None
+    ) -> dict[str, float]:
+        """RLVR of ``self.student`` in place on one dataset: ``inner_steps`` steps, a fresh AdamW.
+
+        Batches of ``inner_batch`` questions walk through a shuffle of the dataset, reshuffled when
+        it is used up. Returns the mean of ``rlvr_step``'s stats.
+        """
+        hp = self.hparams
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.inner_lr, weight_decay=hp.inner_weight_decay)
+        gen = self.sampling_generator()
+        order: list[int] = []
+        sums: dict[str, float] = {}
+        for _ in range(hp.inner_steps):
+            idx = []
+            while len(idx) < hp.inner_batch:
+                if not order:
+                    order = torch.randperm(len(questions), generator=gen, device=gen.device).tolist()
+                idx.append(order.pop())
+            stats, _, _ = rlvr_step(
+                self.student,
+                self.student_tokenizer,
+                self.reward,
+                [self.format_student_prompt(questions[i]) for i in idx],
+                [answers[i] for i in idx],
+                self.inner_rl,
+                optimizer=opt,
+                ref_model=ref_model,
+                clip=lambda norm: torch.nn.utils.clip_grad_norm_(params, norm),
+                generator=gen,
+            )
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        return {key: value / hp.inner_steps for key, value in sums.items()}
+
+    def grounded_rewards(self, datasets, questions: list[str], answers: list[str], base_acc: float) -> dict:
+        """SOAR's reward: R_k = mean over r inner trainings on X_k of (accuracy on Q_R - baseline)."""
+        hp = self.hparams
+        snapshot = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        ref = None
+        if hp.inner_kl_coef > 0:  # the baseline student as the inner KL reference
+            if "student_ref" not in self._frozen:
+                self._frozen["student_ref"] = frozen_copy(self.student)
+            ref = self._frozen_model("student_ref")
+            ref.load_state_dict(snapshot)
+        per_repeat, medians, inner = [], [], []
+        try:
+            for data in datasets:
+                qs, ans = [q for q, _ in data], [a for _, a in data]
+                deltas, states = [], []
+                for _ in range(hp.num_repeats):
+                    self.student.load_state_dict(snapshot)
+                    inner.append(self.train_inner_student(qs, ans, ref))
+                    acc = self.greedy_accuracy(questions, answers)
+                    inner[-1]["accuracy_after"] = acc
+                    deltas.append(acc - base_acc)
+                    if hp.keep_median_students:
+                        states.append(
+                            {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+                        )
+                # the median-reward repeat (the lower median when r is even)
+                median = sorted(range(len(deltas)), key=deltas.__getitem__)[(len(deltas) - 1) // 2]
+                medians.append(states[median] if states else None)
+                per_repeat.append(deltas)
+        finally:
+            self.student.load_state_dict(snapshot)  # the baseline again, whatever happened
+        inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
+        return {
+            "rewards": [sum(d) / len(d) for d in per_repeat],
+            "per_repeat": per_repeat,
+            "median_students": medians,
+            "inner_stats": inner_stats,
+        }
+
+    def intrinsic_rewards(self, datasets) -> dict:
+        """Intrinsic-T: per question of X_k, success rate s of ``intrinsic_samples`` baseline-student
+        samples against the teacher's answer; r = 0 if s == 0 else 1 - s; R_k = mean over X_k."""
+        hp = self.hparams
+        m, gen = hp.intrinsic_samples, self.sampling_generator()
+        rewards, rates = [], []
+        for data in datasets:
+            success = []
+            for i in range(0, len(data), hp.inner_batch):
+                chunk = data[i : i + hp.inner_batch]
+                ro = generate(
+                    self.student,
+                    self.student_tokenizer,
+                    [self.format_student_prompt(q) for q, _ in chunk],
+                    num_samples=m,
+                    max_new_tokens=hp.inner_max_new_tokens,
+                    temperature=hp.inner_temperature,
+                    generator=gen,
+                )
+                _, correct = score_completions(self.reward, ro.texts, [a for _, a in chunk for _ in range(m)])
+                success.append(correct.float().view(-1, m).mean(-1))
+            s = torch.cat(success)
+            rates.append(s.tolist())
+            rewards.append(learnability(s))
+        flat = torch.tensor([x for r in rates for x in r])
+        return {
+            "rewards": rewards,
+            "per_repeat": [[r] for r in rewards],
+            "median_students": [None] * len(datasets),
+            "success_rates": rates,
+            "inner_stats": {
+                "success_rate": float(flat.mean()),
+                "unsolved_frac": float((flat == 0).float().mean()),
+            },
+        }
+
+    # ------------------------------------------------------------------ 4. teacher update
+    def teacher_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """One teacher step: RLOO policy gradient with per-rollout ``advantages`` + KL to the initial teacher.
+
+        Token-mean aggregation over all completion tokens of all rollouts; micro-batches are
+        weighted by their share of the tokens, so the gradient does not depend on their size.
+        """
+        hp = self.hparams
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        input_ids, attention_mask, completion_mask = rollouts.sequences()
+        token_mask = completion_mask[:, 1:].float()
+        total = token_mask.sum().clamp(min=1.0)
+        rows = input_ids.shape[0]
+        mb = hp.teacher_micro_batch_size or rows
+        chunks = [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
+        advantages = advantages.to(self.device)
+        ref = self.ref_teacher if hp.kl_coef > 0 else None
+        with torch.no_grad():
+            ref_logps = (
+                torch.cat(
+                    [
+                        sequence_logprobs(ref, input_ids[s], attention_mask[s], completion_mask[s])
+                        for s in chunks
+                    ]
+                )
+                if ref is not None
+                else None
+            )
+        self.teacher.train()
+        sums = {"loss": 0.0, "kl": 0.0, "logp": 0.0}
+        for sl in chunks:
+            logps = sequence_logprobs(self.teacher, input_ids[sl], attention_mask[sl], completion_mask[sl])
+            mask = token_mask[sl]
+            weight = mask.sum() / total
+            loss, _ = policy_gradient_loss(logps, None, advantages[sl], mask, aggregation="token")
+            if ref_logps is not None:
+                kl = aggregate_loss(kl_penalty(logps, ref_logps[sl], hp.kl_estimator), mask, "token")
+                loss = loss + hp.kl_coef * kl
+                sums["kl"] += float(kl.detach() * weight)
+            self.manual_backward(loss * weight)
+            sums["loss"] += float(loss.detach() * weight)
+            sums["logp"] += float((logps.detach() * mask).sum() / total)
+        if hp.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return sums
+
+    # -------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        questions, answers = unpack_problems(batch)
+        g, n, step = hp.num_datasets, hp.dataset_size, self.global_step
+        # 1. g*n valid pairs from the teacher -> g datasets of n
+        pairs, rollouts, sampling = self.sample_valid_pairs()
+        datasets = [pairs[k * n : (k + 1) * n] for k in range(g)]
+        # 2. the baseline student's greedy accuracy on Q_R
+        base_acc = self.greedy_accuracy(questions, answers)
+        # 3. a reward per dataset
+        if hp.teacher_reward == "grounded":
+            out = self.grounded_rewards(datasets, questions, answers, base_acc)
+        else:
+            out = self.intrinsic_rewards(datasets)
+        rewards = torch.tensor(out["rewards"], dtype=torch.float32)
+        # 4. RLOO over datasets, every rollout of X_k gets A_k
+        adv = teacher_advantages(rewards)
+        update = self.teacher_update(rollouts, adv.repeat_interleave(n))
+        # 5. bookkeeping and logs
+        self.last_outer = {
+            "step": step,
+            "rewards": out["rewards"],
+            "per_repeat": out["per_repeat"],
+            "datasets": [[{"question": q, "answer": a} for q, a in data] for data in datasets],
+            "median_students": out["median_students"],
+            "baseline_accuracy": base_acc,
+            "advantages": adv.tolist(),
+        }
+        if "success_rates" in out:
+            self.last_outer["success_rates"] = out["success_rates"]
+        logs = {
+            "teacher/reward_mean": float(rewards.mean()),
+            "teacher/reward_std": float(rewards.std()),
+            **{f"teacher/reward_{k}": float(r) for k, r in enumerate(out["rewards"])},
+            **{f"teacher/{k}": v for k, v in sampling.items()},
+            "teacher/loss": update["loss"],
+            "teacher/kl": update["kl"],
+            "teacher/logp": update["logp"],
+            "teacher/lr": self.lr_schedulers().get_last_lr()[0],
+            "baseline/accuracy": base_acc,
+        }
+        prefix = "inner" if hp.teacher_reward == "grounded" else "intrinsic"
+        stats = dict(out["inner_stats"])
+        if "reward" in stats:
+            stats["mean_reward"] = stats.pop("reward")
+        logs.update({f"{prefix}/{k}": v for k, v in stats.items()})
+        if hasattr(self.reward, "pop_stats"):
+            logs["inner/verify_timeouts"] = float(self.reward.pop_stats().get("timeouts", 0))
+        self.log_dict(logs, batch_size=len(questions))
+        self.log("R", logs["teacher/reward_mean"], prog_bar=True, logger=False, batch_size=len(questions))
+        self.log("valid", sampling["validity"], prog_bar=True, logger=False, batch_size=len(questions))
+        every = hp.log_samples_every
+        if every and self.global_step % every == 1 % every:
+            self._write_samples()
+
+    # ------------------------------------------------------------------------ validation
+    def validation_step(self, batch, batch_idx: int) -> None:
+        questions, answers = unpack_problems(batch)
+        acc = self.greedy_accuracy(questions, answers)
+        self.log("val/accuracy", acc, prog_bar=True, batch_size=len(questions), sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        questions, answers = unpack_problems(batch)
+        acc = self.greedy_accuracy(questions, answers)
+        self.log("test/accuracy", acc, batch_size=len(questions), sync_dist=True)
+
+    # --------------------------------------------------------------------------- samples
+    def _write_samples(self) -> None:
+        trainer = getattr(self, "_trainer", None)
+        if (
+            trainer is None
+            or not trainer.is_global_zero
+            or trainer.log_dir is None
+            or self.last_outer is None
+        ):
+            return
+        last = self.last_outer
+        path = Path(trainer.log_dir) / "teacher_samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for k, data in enumerate(last["datasets"]):
+                for pair in data:
+                    row = {"step": last["step"], "dataset": k, "reward": last["rewards"][k], **pair}
+                    f.write(json.dumps(row) + "\n")
+
+
+# ------------------------------------------------------------------------------ rollouts
+def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:
+    """The given rows of a :class:`Rollouts` batch."""
+    idx = torch.tensor(rows, dtype=torch.long, device=rollouts.completion_ids.device)
+    return Rollouts(
+        rollouts.prompt_ids[idx],
+        rollouts.prompt_mask[idx],
+        rollouts.completion_ids[idx],
+        rollouts.completion_mask[idx],
+        [rollouts.texts[i] for i in rows],
+        rollouts.finished[idx],
+    )
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Stack :class:`Rollouts` batches: prompts re-left-padded, completions re-right-padded."""
+    if len(parts) == 1:
+        return parts[0]
+    width_p = max(p.prompt_ids.shape[1] for p in parts)
+    width_c = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollouts(
+        torch.cat([pad(p.prompt_ids, width_p, pad_id, True) for p in parts]),
+        torch.cat([pad(p.prompt_mask, width_p, 0, True) for p in parts]),
+        torch.cat([pad(p.completion_ids, width_c, pad_id, False) for p in parts]),
+        torch.cat([pad(p.completion_mask, width_c, 0, False) for p in parts]),
+        [t for p in parts for t in p.texts],
+        torch.cat([p.finished for p in parts]),
+    )
