@@ -131,8 +131,15 @@ def plot(summary: dict, out: Path) -> None:
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     hard = summary["hard_set"]
-    ax2.bar(["train reward\n(max over steps)", "zero-variance\ngroups (min)", "held-out\naccuracy (last)"],
-            [hard["max_train_reward"], hard["min_zero_std_frac"], hard["val_accuracy"][-1]], color=["tab:red", "tab:gray", "tab:red"])  # fmt: skip
+    values = [hard["max_train_reward"], hard["min_zero_std_frac"], hard["val_accuracy"][-1]]
+    labels = [
+        "train reward\n(max over steps)",
+        "zero-variance\ngroups (min)",
+        "held-out greedy\naccuracy (last)",
+    ]
+    bars = ax2.bar(labels, values, color=["tab:red", "tab:gray", "tab:red"])
+    for bar, value in zip(bars, values):
+        ax2.text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center", fontsize=9)
     ax2.set(ylim=(0, 1.05), title="RLVR on the fail@k hard set: no signal")
     ax2.grid(alpha=0.3, axis="y")
     fig.tight_layout()

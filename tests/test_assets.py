@@ -59,3 +59,13 @@ def test_teacher_base_writes_valid_problems():
     )
     assert stats["valid"] >= 0.9, stats
     assert len(stats["levels"]) >= 3, stats  # it proposes problems of several lengths
+
+
+@needs_assets("tiny-hard")
+def test_hard_set_loads_by_builtin_name_and_is_split_50_50():
+    from lit_selfimprove.datamodules import load_problems
+
+    train, _ = load_problems("builtin:tiny-hard-train")
+    test, _ = load_problems("builtin:tiny-hard-test")
+    assert len(train) == len(test) == 64
+    assert not {r["id"] for r in train} & {r["id"] for r in test}

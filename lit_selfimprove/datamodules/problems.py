@@ -30,6 +30,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_selfimprove.assets import resolve
+
 __all__ = [
     "PROBLEM_FORMATS",
     "ProblemDataModule",
@@ -322,6 +324,7 @@ def load_problems(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     source = str(source)
     fields = (question_field, answer_field, id_field)
+    source = resolve(source)  # builtin:NAME -> the bundled file
     fmt = _detect_format(source) if format == "auto" else format
 
     if fmt == "hub":
