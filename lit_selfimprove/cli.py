@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -18,6 +19,8 @@ TOOLS = {
 
 def main(args: list[str] | None = None) -> LightningCLI | None:
     """Run LightningCLI; ``lit-selfimprove failk ...`` / ``world ...`` dispatch to the tools."""
+    # noise from Lightning's own internals (pytree API change), not actionable by users
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOLS:
         import importlib

@@ -60,30 +60,12 @@ def test_stops_at_eos_and_masks_after_it(tiny_random_lm):
 
 def test_seeded_sampling_repeats(tiny_random_lm):
     model, tok = _load(tiny_random_lm)
-    a = generate(
-        model,
-        tok,
-        ["Q: 9+9\nA: "],
-        num_samples=4,
-        max_new_tokens=6,
-        generator=torch.Generator().manual_seed(1),
-    )
-    b = generate(
-        model,
-        tok,
-        ["Q: 9+9\nA: "],
-        num_samples=4,
-        max_new_tokens=6,
-        generator=torch.Generator().manual_seed(1),
-    )
-    c = generate(
-        model,
-        tok,
-        ["Q: 9+9\nA: "],
-        num_samples=4,
-        max_new_tokens=6,
-        generator=torch.Generator().manual_seed(2),
-    )
+
+    def sample(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return generate(model, tok, ["Q: 9+9\nA: "], num_samples=4, max_new_tokens=6, generator=gen)
+
+    a, b, c = sample(1), sample(1), sample(2)
     assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
     assert a.texts != c.texts
     assert len(set(a.texts)) > 1  # temperature 1 on a random model: samples differ
