@@ -186,3 +186,36 @@ def test_bad_batch_is_a_clear_error():
         unpack_problems({"problem": ["1+1"]})
     with pytest.raises(TypeError):
         unpack_problems(42)
+
+
+def test_resume_from_checkpoint_continues_training(tiny_random_lm, tmp_path):
+    """A run stopped after 2 steps resumes from its checkpoint at step 2 with the trained weights."""
+
+    def make():
+        return StudentRLVR(tiny_random_lm, reward=DigitReward(), prompt_template=PROMPT, group_size=2,
+                           max_new_tokens=4, lr=1e-2, val_num_samples=0)  # fmt: skip
+
+    data = ArithmeticProblemDataModule(levels=[2], num_train=32, num_test=4, batch_size=2)
+    first = make()
+    trainer = _trainer(tmp_path / "a", 2, limit_val_batches=0)
+    trainer.fit(first, data)
+    ckpt = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 2 and all(k.startswith("policy.") for k in saved["state_dict"])
+
+    resumed = make()
+    calls = []
+
+    class CountSteps(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            calls.append(batch_idx)
+
+    trainer = _trainer(tmp_path / "b", 3, limit_val_batches=0, callbacks=[CountSteps()])
+    trainer.fit(resumed, data, ckpt_path=ckpt)
+    assert trainer.global_step == 3 and len(calls) == 1  # one more step, not a restart from 0
+    start = load_causal_lm(tiny_random_lm).state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in resumed.policy.state_dict().items())
+    # the KL reference is the initial model, not the checkpoint's trained policy
+    ref = resumed.ref_model.state_dict()
+    assert all(torch.equal(start[k], ref[k]) for k in start)
