@@ -13,11 +13,11 @@ import pytest
 
 from lit_selfimprove.datamodules.problems import (
     ProblemDataModule,
-    _last_boxed,
     collate_problems,
     load_problems,
     split_problems,
 )
+from lit_selfimprove.rewards import extract_boxed as _last_boxed  # the one boxed-answer parser
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

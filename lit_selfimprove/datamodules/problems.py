@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_selfimprove.assets import resolve
+from lit_selfimprove.rewards.math_verify import extract_boxed
 
 __all__ = [
     "PROBLEM_FORMATS",
@@ -63,37 +64,6 @@ class _Malformed(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # answer helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced.
-
-    Also handles the brace-less form ``\\boxed 5``. Returns ``None`` when there is no (complete) box.
-    """
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
-    if i < len(text) and text[i] == " ":  # "\boxed 5": up to the next "$" or whitespace
-        m = re.match(r"\s*([^\s$]+)", text[i:])
-        return m.group(1) if m else None
-    if i >= len(text) or text[i] != "{":
-        return None
-    depth = 0
-    j = i
-    while j < len(text):
-        ch = text[j]
-        if ch == "\\":  # an escaped character such as \{ or \} (or a \\ line break) is not a brace
-            j += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-        j += 1
-    return None
 
 
 def _strip_dollars(answer: str) -> str:
@@ -171,7 +141,7 @@ def _convert(
         solution = raw.get("solution")
         if not isinstance(solution, str):
             raise _Malformed(f"missing answer field {a_field!r} and no 'solution' to take \\boxed{{}} from")
-        answer = _last_boxed(solution) or ""
+        answer = extract_boxed(solution) or ""
         if not answer:
             raise _Malformed(f"empty answer field {a_field!r} and no \\boxed{{}} in the solution")
     if kind in ("harp", "olympiadbench"):
