@@ -21,15 +21,15 @@ import torch
 
 from lit_selfimprove.assets import ASSETS_DIR, build_char_tokenizer
 from lit_selfimprove.datamodules.arithmetic import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT, generate_problems
+from lit_selfimprove.rewards.math_verify import extract_boxed
 
-_BOX = re.compile(r"\\boxed\{([^{}]*)\}")
 _PAIR = re.compile(r"<question>(.*?)</question>\s*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
 
 
 def quick_correct(completion: str, answer: str) -> bool:
-    """Exact match of the last ``\\boxed{}`` (integers only: enough for the tiny world)."""
-    found = _BOX.findall(completion)
-    return bool(found) and found[-1].strip() == answer.strip()
+    """Exact string match of the last ``\\boxed{}`` (no math-verify: enough for integers)."""
+    found = extract_boxed(completion)
+    return found is not None and found == answer.strip()
 
 
 @torch.no_grad()
