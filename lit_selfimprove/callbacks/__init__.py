@@ -1,5 +1,6 @@
-"""Callbacks: metric plots (more to come: promotion / PQ writer, selection statistics)."""
+"""Callbacks: metric plots, SOAR's promotion rule (PQ writer)."""
 
 from lit_selfimprove.callbacks.metrics_plot import MetricsPlot, plot_series, read_metrics_csv
+from lit_selfimprove.callbacks.promotion import Promotion
 
-__all__ = ["MetricsPlot", "plot_series", "read_metrics_csv"]
+__all__ = ["MetricsPlot", "Promotion", "plot_series", "read_metrics_csv"]
