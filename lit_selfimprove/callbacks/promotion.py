@@ -1,0 +1,211 @@
+"""Promotion: SOAR's rule that makes a trained student the new baseline and keeps its questions.
+
+After every outer step of :class:`~lit_selfimprove.modules.TeacherMetaRL`, Rbar_t = mean_k R_k
+is appended to a history. When the history holds at least ``window`` values (a full window: no
+promotion in the first ``window - 1`` outer steps, nor in the ``window - 1`` steps after a
+promotion when ``reset_after_promotion``) and the mean of the last ``window`` values exceeds
+``tau``, k* = argmax_k R_k is promoted:
+
+* the module's kept median-reward trained student of dataset k* is loaded in place into
+  ``pl_module.student`` (on every rank), which is the baseline from the next outer step on;
+* the pairs of X_k* are appended to ``promotion_questions.jsonl`` (PQ, D_best) in the log dir,
+  one JSON object per line: ``question``, ``answer``, ``step``, ``promotion`` (0-based index),
+  ``dataset`` (k*) and ``reward`` (R_k*);
+* the promoted student is saved as a Hugging Face folder ``students/promotion_<i>_step_<step>/``
+  (model + student tokenizer) in the log dir.
+
+Files are written by global rank 0 only. The promote / k* decision is taken on rank 0 and
+broadcast, so all ranks install the same dataset's student.
+
+Resuming: the callback's state (reward history, promotions, PQ lines written) is stored in the
+checkpoint; the baseline student itself is a registered submodule of the module, so it is in the
+module's ``state_dict``. On resume, PQ lines and student folders written after the checkpoint
+(a crash between writing and checkpointing) are removed, so that nothing is duplicated. Resume
+with the same log dir (e.g. a logger with a fixed ``version``) or pass ``dirpath``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+class Promotion(Callback):
+    """SOAR's promotion of the best dataset's trained student to baseline, with the PQ file.
+
+    Args:
+        tau: promotion threshold on the moving average of the mean teacher reward (SOAR: 0.01).
+        window: m, number of outer steps in the moving average (SOAR: 3). A full window is needed.
+        reset_after_promotion: clear the reward history after a promotion (the rewards before it
+            were measured against the previous, weaker baseline).
+        pq_filename: name of the promotion-questions JSONL file in the log dir.
+        save_students: save each promoted student as a Hugging Face folder in the log dir.
+        dirpath: where files go (default: ``trainer.log_dir``, else ``trainer.default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.01,
+        window: int = 3,
+        reset_after_promotion: bool = False,
+        pq_filename: str = "promotion_questions.jsonl",
+        save_students: bool = True,
+        dirpath: str | None = None,
+    ):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.tau = tau
+        self.window = window
+        self.reset_after_promotion = reset_after_promotion
+        self.pq_filename = pq_filename
+        self.save_students = save_students
+        self.dirpath = dirpath
+        self.history: list[float] = []
+        self.promotions: list[dict[str, Any]] = []
+        self.pq_lines = 0
+        self.last_step: int | None = None
+        self._resumed = False
+
+    # ------------------------------------------------------------------------- the rule
+    @property
+    def count(self) -> int:
+        """Number of promotions so far."""
+        return len(self.promotions)
+
+    def moving_average(self) -> float | None:
+        """Mean of the last ``window`` values of the history (``None`` while it is shorter)."""
+        if len(self.history) < self.window:
+            return None
+        return sum(self.history[-self.window :]) / self.window
+
+    def update(self, rewards: list[float]) -> tuple[bool, float | None]:
+        """Append mean(rewards) to the history; returns (promote?, moving average)."""
+        self.history.append(sum(rewards) / len(rewards))
+        avg = self.moving_average()
+        return avg is not None and avg > self.tau, avg
+
+    # ------------------------------------------------------------------------ the files
+    def output_dir(self, trainer: Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def pq_path(self, trainer: Trainer) -> Path:
+        return self.output_dir(trainer) / self.pq_filename
+
+    # ------------------------------------------------------------------------ the hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._resumed and trainer.is_global_zero:
+            self._drop_unrecorded(trainer)
+        self._resumed = False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        last = getattr(pl_module, "last_outer", None)
+        if not last or last.get("step") == self.last_step:
+            return  # no outer step happened (or this one was seen already)
+        step = int(last["step"])
+        self.last_step = step
+        rewards = [float(r) for r in last["rewards"]]
+        promote, avg = self.update(rewards)
+        k_star = max(range(len(rewards)), key=rewards.__getitem__)
+        # the decision of rank 0 for everyone (identical on one process)
+        promote, k_star, avg = trainer.strategy.broadcast((promote, k_star, avg), src=0)
+        if promote:
+            self._promote(trainer, pl_module, last, step, k_star, avg)
+        logs = {"promotion/count": float(self.count), "promotion/event": float(promote)}
+        if avg is not None:
+            logs["promotion/moving_avg"] = avg
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+    def _promote(self, trainer, pl_module, last: dict, step: int, k_star: int, avg: float) -> None:
+        state = last["median_students"][k_star]
+        if state is None:
+            raise RuntimeError(
+                "Promotion needs the trained students: use teacher_reward='grounded' and "
+                "keep_median_students=True"
+            )
+        pl_module.student.load_state_dict(state)  # in place: the new baseline
+        index = self.count
+        record = {
+            "step": step,
+            "dataset": k_star,
+            "reward": float(last["rewards"][k_star]),
+            "moving_avg": avg,
+        }
+        self.promotions.append(record)
+        pairs = last["datasets"][k_star]
+        if trainer.is_global_zero:
+            out = self.output_dir(trainer)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(self.pq_path(trainer), "a") as f:
+                for pair in pairs:
+                    row = {
+                        "question": pair["question"],
+                        "answer": pair["answer"],
+                        "step": step,
+                        "promotion": index,
+                        "dataset": k_star,
+                        "reward": record["reward"],
+                    }
+                    f.write(json.dumps(row) + "\n")
+            if self.save_students:
+                folder = out / "students" / f"promotion_{index}_step_{step}"
+                pl_module.student.save_pretrained(folder)
+                tok = getattr(pl_module, "student_tokenizer", None)
+                if tok is not None:
+                    tok.save_pretrained(folder)
+        self.pq_lines += len(pairs)
+        if self.reset_after_promotion:
+            self.history = []
+        rank_zero_info(
+            f"Promotion {index} at outer step {step}: dataset {k_star} (R={record['reward']:.4f}, "
+            f"moving avg {avg:.4f} > tau {self.tau}) is the new baseline; {len(pairs)} PQ pairs"
+        )
+
+    def _drop_unrecorded(self, trainer: Trainer) -> None:
+        """After a resume: cut the PQ file to the recorded lines, remove unrecorded student folders."""
+        path = self.pq_path(trainer)
+        if path.exists():
+            with open(path) as f:
+                lines = f.readlines()
+            if len(lines) > self.pq_lines:
+                rank_zero_warn(
+                    f"{path} has {len(lines)} lines, the checkpoint recorded {self.pq_lines}: truncating"
+                )
+                with open(path, "w") as f:
+                    f.writelines(lines[: self.pq_lines])
+            elif len(lines) < self.pq_lines:
+                rank_zero_warn(f"{path} has {len(lines)} lines, the checkpoint recorded {self.pq_lines}")
+        elif self.pq_lines:
+            rank_zero_warn(f"{path} is missing; the checkpoint recorded {self.pq_lines} PQ lines")
+        students = self.output_dir(trainer) / "students"
+        if students.is_dir():
+            for folder in students.iterdir():
+                m = re.fullmatch(r"promotion_(\d+)_step_(\d+)", folder.name)
+                if m and int(m.group(1)) >= self.count and folder.is_dir():
+                    shutil.rmtree(folder)
+
+    # ---------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self.history),
+            "promotions": [dict(p) for p in self.promotions],
+            "pq_lines": self.pq_lines,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.promotions = [dict(p) for p in state_dict["promotions"]]
+        self.pq_lines = int(state_dict["pq_lines"])
+        self.last_step = state_dict.get("last_step")
+        self._resumed = True
