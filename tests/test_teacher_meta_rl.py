@@ -347,7 +347,7 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     for name in (
         "teacher/reward_mean", "teacher/reward_0", "teacher/reward_1", "teacher/validity", "teacher/kl",
         "teacher/loss", "teacher/lr", "baseline/accuracy", "inner/mean_reward", "inner/accuracy_after",
-        "inner/verify_timeouts", "val/accuracy",
+        "inner/verify_timeouts", "val/accuracy", "teacher/vendi",
     ):  # fmt: skip
         assert name in logged, name
     assert float(next(r for r in rows if r["teacher/validity"])["teacher/validity"]) == 1.0
@@ -356,6 +356,13 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     last = module.last_outer
     assert len(last["datasets"]) == 2 and all(len(d) == 4 for d in last["datasets"])
     assert len(last["per_repeat"][0]) == 2 and 0.0 <= last["baseline_accuracy"] <= 1.0
+    # diversity of the step's questions: the Vendi score of all g*n questions, logged as is
+    from lit_selfimprove.metrics import HashingNgramEmbedding, vendi_score
+
+    questions = [p["question"] for d in last["datasets"] for p in d]
+    expected = float(vendi_score(HashingNgramEmbedding()(questions)))
+    logged_vendi = float(next(r for r in rows if r["teacher/vendi"])["teacher/vendi"])
+    assert expected > 1.0 and logged_vendi == pytest.approx(expected, rel=1e-5)
     # checkpoint: teacher policy and baseline student; the frozen initial teacher stays out
     keys = module.state_dict().keys()
     n_params = sum(1 for _ in module.teacher.state_dict()) + sum(1 for _ in module.student.state_dict())

@@ -35,6 +35,7 @@ import torch
 from lightning import LightningModule
 
 from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer
 from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
 from lit_selfimprove.rl.logprobs import sequence_logprobs
@@ -123,6 +124,9 @@ class TeacherMetaRL(LightningModule):
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
             the log dir every N outer steps (0: never).
+        diversity_embedding: ``texts -> [n, d]`` embedding for the logged Vendi score of each
+            step's questions (``teacher/vendi``); default: the cheap built-in
+            ``HashingNgramEmbedding`` (use ``SentenceEmbedding`` for paper-comparable values).
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class TeacherMetaRL(LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         log_samples_every: int = 10,
+        diversity_embedding: Callable | None = None,
     ):
         super().__init__()
         if "{question}" not in prompt_template:
@@ -196,7 +201,9 @@ class TeacherMetaRL(LightningModule):
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
-        self.save_hyperparameters(ignore=["reward"])
+        self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
+        # the Vendi score of each step's questions (diversity; a collapsing teacher shows here)
+        self.diversity_embedding = diversity_embedding or HashingNgramEmbedding()
         self.automatic_optimization = False
         self.inner_rl = RLVRConfig(
             group_size=inner_group_size,
@@ -567,6 +574,7 @@ class TeacherMetaRL(LightningModule):
             "teacher/logp": update["logp"],
             "teacher/lr": self.lr_schedulers().get_last_lr()[0],
             "baseline/accuracy": base_acc,
+            "teacher/vendi": float(vendi_score(self.diversity_embedding([q for q, _ in pairs]))),
         }
         prefix = "inner" if hp.teacher_reward == "grounded" else "intrinsic"
         stats = dict(out["inner_stats"])
