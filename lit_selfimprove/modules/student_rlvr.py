@@ -26,6 +26,7 @@ from lightning import LightningModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.metrics import PassAtK
 from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modules._shared import adamw_with_warmup, as_user_turn, on_device, sampling_generator
 from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
 
 SOAR_STUDENT_PROMPT = (
@@ -171,45 +172,18 @@ class StudentRLVR(LightningModule):
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
-        ref = self._frozen.get("ref")
-        if ref is not None:
-            param = next(ref.parameters())
-            if param.device != self.device and param.device.type != "meta":
-                ref.to(self.device)
-        return ref
+        return on_device(self._frozen.get("ref"), self.device)
 
     def sampling_generator(self) -> torch.Generator:
-        """RNG of all sampling, one per data-parallel rank: the global seed plus that rank.
-
-        ``seed_everything`` gives every rank the same global RNG state, so ranks sampling from the
-        global RNG draw the same random numbers (identical or correlated completions across ranks).
-        """
-        gen = getattr(self, "_sampling_gen", None)
-        if gen is None or gen.device != self.device:
-            rank, mesh = self.global_rank, getattr(self, "device_mesh", None)
-            if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-                rank = mesh["data_parallel"].get_local_rank()  # tensor-parallel peers sample alike
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
-            self._sampling_gen = gen
-        return gen
+        return sampling_generator(self)
 
     def format_prompt(self, question: str) -> str:
         text = self.hparams.prompt_template.format(question=question)
-        if self.hparams.use_chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
+        return as_user_turn(self.tokenizer, text, self.hparams.use_chat_template)
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
-        )
-        warm = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return [opt], [{"scheduler": sched, "interval": "step"}]
+        return adamw_with_warmup(self.policy.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps)
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> None:

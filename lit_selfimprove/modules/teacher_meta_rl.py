@@ -37,6 +37,7 @@ from lightning import LightningModule
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer
+from lit_selfimprove.modules._shared import adamw_with_warmup, as_user_turn, on_device, sampling_generator
 from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
@@ -241,12 +242,7 @@ class TeacherMetaRL(LightningModule):
             self._frozen["ref"] = frozen_copy(self.teacher)
 
     def _frozen_model(self, key: str) -> torch.nn.Module | None:
-        model = self._frozen.get(key)
-        if model is not None:
-            param = next(model.parameters())
-            if param.device != self.device and param.device.type != "meta":
-                model.to(self.device)
-        return model
+        return on_device(self._frozen.get(key), self.device)
 
     @property
     def ref_teacher(self) -> torch.nn.Module | None:
@@ -254,39 +250,21 @@ class TeacherMetaRL(LightningModule):
         return self._frozen_model("ref")
 
     def sampling_generator(self) -> torch.Generator:
-        """RNG of all sampling and shuffling: the global seed plus the rank (see StudentRLVR)."""
-        gen = getattr(self, "_sampling_gen", None)
-        if gen is None or gen.device != self.device:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
-            self._sampling_gen = gen
-        return gen
+        return sampling_generator(self)
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            [p for p in self.teacher.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
-        )
-        warm = max(1, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return [opt], [{"scheduler": sched, "interval": "step"}]
+        return adamw_with_warmup(self.teacher.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps)
 
     # ---------------------------------------------------------------------------- prompts
     def teacher_prompt_text(self) -> str:
-        text = self.hparams.teacher_prompt
-        if self.hparams.use_chat_template:
-            text = self.teacher_tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
+        return as_user_turn(
+            self.teacher_tokenizer, self.hparams.teacher_prompt, self.hparams.use_chat_template
+        )
 
     def format_student_prompt(self, question: str) -> str:
         text = self.hparams.prompt_template.format(question=question)
-        if self.hparams.use_chat_template:
-            text = self.student_tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
+        return as_user_turn(self.student_tokenizer, text, self.hparams.use_chat_template)
 
     # ------------------------------------------------------------- 1. teacher sampling
     def answers_ok(self) -> Callable[[list[str]], list[bool]] | None:

@@ -1,0 +1,53 @@
+"""Small pieces the RL modules share (model placement, RNG, optimizer, prompts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from lightning import LightningModule
+
+
+def on_device(model: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
+    """Move a frozen model (kept out of the module tree, so Lightning does not) to ``device``."""
+    if model is not None:
+        param = next(model.parameters())
+        if param.device != device and param.device.type != "meta":
+            model.to(device)
+    return model
+
+
+def sampling_generator(module: LightningModule) -> torch.Generator:
+    """The module's RNG for all sampling, one per data-parallel rank: global seed plus that rank.
+
+    ``seed_everything`` gives every rank the same global RNG state, so ranks sampling from the
+    global RNG would draw the same random numbers (identical or correlated completions).
+    """
+    gen = getattr(module, "_sampling_gen", None)
+    if gen is None or gen.device != module.device:
+        rank, mesh = module.global_rank, getattr(module, "device_mesh", None)
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            rank = mesh["data_parallel"].get_local_rank()  # tensor-parallel peers sample alike
+        gen = torch.Generator(device=module.device)
+        gen.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+        module._sampling_gen = gen
+    return gen
+
+
+def adamw_with_warmup(
+    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int
+):
+    """AdamW over the trainable parameters with a linear warmup (Lightning's optimizer config)."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    warm = max(1, warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+def as_user_turn(tokenizer, text: str, use_chat_template: bool) -> str:
+    """``text`` as is, or as the user turn of the tokenizer's chat template (ready to generate)."""
+    if not use_chat_template:
+        return text
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
