@@ -79,16 +79,8 @@ def extract_boxed(text: str) -> str | None:
     while stripped_pos < len(text) and text[stripped_pos].isspace():
         stripped_pos += 1
     if stripped_pos < len(text) and text[stripped_pos] == "{":
-        depth = 0
-        for match in _BRACE_RE.finditer(text, stripped_pos):
-            token = match.group()
-            if token == "{":
-                depth += 1
-            elif token == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[stripped_pos + 1 : match.start()].strip()
-        return None
+        close = _closing_brace(text, stripped_pos)
+        return None if close is None else text[stripped_pos + 1 : close].strip()
     if rest > 0 and stripped_pos > pos:  # ``\boxed 5``: the next token
         match = _NOBRACE_TOKEN_RE.match(text, stripped_pos)
         if match is not None:
@@ -106,15 +98,17 @@ def _unwrap_box(text: str) -> str | None:
         pos += 1
     if pos >= len(text) or text[pos] != "{":
         return None
+    close = _closing_brace(text, pos)
+    return text[pos + 1 : close] if close is not None and close == len(text) - 1 else None
+
+
+def _closing_brace(text: str, pos: int) -> int | None:
+    """Index of the ``}`` that closes the ``{`` at ``pos`` (escaped braces ignored), or ``None``."""
     depth = 0
     for brace in _BRACE_RE.finditer(text, pos):
-        token = brace.group()
-        if token == "{":
-            depth += 1
-        elif token == "}":
-            depth -= 1
-            if depth == 0:
-                return text[pos + 1 : brace.start()] if brace.end() == len(text) else None
+        depth += 1 if brace.group() == "{" else -1 if brace.group() == "}" else 0
+        if depth == 0:
+            return brace.start()
     return None
 
 
