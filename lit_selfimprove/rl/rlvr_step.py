@@ -7,7 +7,7 @@ plain optimizer on a copy of the student. The steps, in order:
 1. sample ``group_size`` completions per question (temperature, top_p, stop at EOS);
 2. score them with the injected reward (``rewards``) and plain correctness (``correct``);
 3. advantages per group (RLOO by default; GRPO, Dr.GRPO);
-4. log-probs of the old policy (only when clipping / several epochs need them) and of the
+4. log-probs of the old policy (only when several epochs need them) and of the
    frozen reference (only when ``kl_coef > 0``);
 5. for each epoch and micro-batch: policy-gradient loss (optionally PPO-clipped) plus
    ``kl_coef`` times the k3 KL to the reference, backward; then clip and step.
@@ -105,7 +105,9 @@ def rlvr_step(
     rows = input_ids.shape[0]
     mb = cfg.micro_batch_size or rows
     chunks = [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
-    need_old = cfg.ppo_epochs > 1 or cfg.clip_eps_low is not None
+    # with one epoch the old policy is the current one: its log-probs are the detached current
+    # ones (policy_gradient_loss's default), so a second forward would only repeat work
+    need_old = cfg.ppo_epochs > 1
     with torch.no_grad():
         old_logps = _logps(policy, input_ids, attention_mask, completion_mask, chunks) if need_old else None
         ref_logps = (
