@@ -102,8 +102,9 @@ class Promotion(Callback):
 
     # ------------------------------------------------------------------------ the hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out = self.output_dir(trainer)  # trainer.log_dir is a collective: every rank asks
         if self._resumed and trainer.is_global_zero:
-            self._drop_unrecorded(trainer)
+            self._drop_unrecorded(out)
         self._resumed = False
 
     def on_train_batch_end(
@@ -127,7 +128,8 @@ class Promotion(Callback):
         pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
 
     def _promote(self, trainer, pl_module, last: dict, step: int, k_star: int, avg: float) -> None:
-        state = last["median_students"][k_star]
+        fetch = getattr(pl_module, "median_student", None)  # collective under torch.distributed
+        state = fetch(k_star) if callable(fetch) else last["median_students"][k_star]
         if state is None:
             raise RuntimeError(
                 "Promotion needs the trained students: use teacher_reward='grounded' and "
@@ -143,10 +145,10 @@ class Promotion(Callback):
         }
         self.promotions.append(record)
         pairs = last["datasets"][k_star]
+        out = self.output_dir(trainer)  # trainer.log_dir is a collective: every rank asks
         if trainer.is_global_zero:
-            out = self.output_dir(trainer)
             out.mkdir(parents=True, exist_ok=True)
-            with open(self.pq_path(trainer), "a") as f:
+            with open(out / self.pq_filename, "a") as f:
                 for pair in pairs:
                     row = {
                         "question": pair["question"],
@@ -171,9 +173,9 @@ class Promotion(Callback):
             f"moving avg {avg:.4f} > tau {self.tau}) is the new baseline; {len(pairs)} PQ pairs"
         )
 
-    def _drop_unrecorded(self, trainer: Trainer) -> None:
+    def _drop_unrecorded(self, out: Path) -> None:
         """After a resume: cut the PQ file to the recorded lines, remove unrecorded student folders."""
-        path = self.pq_path(trainer)
+        path = out / self.pq_filename
         if path.exists():
             with open(path) as f:
                 lines = f.readlines()
@@ -187,7 +189,7 @@ class Promotion(Callback):
                 rank_zero_warn(f"{path} has {len(lines)} lines, the checkpoint recorded {self.pq_lines}")
         elif self.pq_lines:
             rank_zero_warn(f"{path} is missing; the checkpoint recorded {self.pq_lines} PQ lines")
-        students = self.output_dir(trainer) / "students"
+        students = out / "students"
         if students.is_dir():
             for folder in students.iterdir():
                 m = re.fullmatch(r"promotion_(\d+)_step_(\d+)", folder.name)

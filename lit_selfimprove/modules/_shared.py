@@ -17,20 +17,37 @@ def on_device(model: torch.nn.Module | None, device: torch.device) -> torch.nn.M
     return model
 
 
+def data_parallel_rank(module: LightningModule) -> int:
+    """The module's data-parallel rank (tensor-parallel peers of a device mesh share one)."""
+    rank, mesh = module.global_rank, getattr(module, "device_mesh", None)
+    if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+        rank = mesh["data_parallel"].get_local_rank()
+    return rank
+
+
+def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
+    """A generator seeded by mixing the global seed with ``parts`` (rank, step, job, ...)."""
+    seed = torch.initial_seed() % 2**61
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part) + 1) % 2**61
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
 def sampling_generator(module: LightningModule) -> torch.Generator:
-    """The module's RNG for all sampling, one per data-parallel rank: global seed plus that rank.
+    """The module's RNG for all sampling: one stream per data-parallel rank and global step.
 
     ``seed_everything`` gives every rank the same global RNG state, so ranks sampling from the
-    global RNG would draw the same random numbers (identical or correlated completions).
+    global RNG would draw the same random numbers (identical or correlated completions). The
+    stream is reseeded from (global seed, rank, ``global_step``) when the step changes, so a run
+    resumed from a checkpoint draws exactly what the uninterrupted run would have drawn.
     """
+    key = (module.global_step, str(module.device))
     gen = getattr(module, "_sampling_gen", None)
-    if gen is None or gen.device != module.device:
-        rank, mesh = module.global_rank, getattr(module, "device_mesh", None)
-        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-            rank = mesh["data_parallel"].get_local_rank()  # tensor-parallel peers sample alike
-        gen = torch.Generator(device=module.device)
-        gen.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
-        module._sampling_gen = gen
+    if gen is None or getattr(module, "_sampling_key", None) != key:
+        gen = seeded_generator(module.device, data_parallel_rank(module), module.global_step)
+        module._sampling_gen, module._sampling_key = gen, key
     return gen
 
 

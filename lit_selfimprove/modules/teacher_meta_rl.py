@@ -22,6 +22,15 @@ count). Its batch is Q_R, fresh questions of D_train: Q_R's size is the DataModu
    per dataset, the median-reward trained student (CPU state dict) for a promotion callback.
 
 Validation / test measure the baseline student's greedy accuracy on the DataModule's test set.
+
+Distributed (DDP, or ModelParallelStrategy = FSDP2 sharding the teacher): every rank samples its
+share (``g * n / world_size``) of the pairs, the pairs and the Q_R batches are all-gathered so that
+every rank sees the same g datasets and the same Q_R (|Q_R| is then the global batch), and the
+g * r inner trainings (g for ``intrinsic``) are spread over the ranks: rank i runs trainings
+i, i + world, ...; their rewards are all-reduced, so every rank computes the same advantages, and
+each rank back-propagates its own rollouts (DDP / FSDP average the teacher gradients). Students
+stay unsharded per rank and out of DDP's gradient sync; each inner training draws from its own
+RNG stream seeded by (seed, step, training index), whichever rank runs it.
 """
 
 from __future__ import annotations
@@ -32,12 +41,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning import LightningModule
 
 from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.generation.sampler import _any_rank
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
-from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer
-from lit_selfimprove.modules._shared import adamw_with_warmup, as_user_turn, on_device, sampling_generator
+from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modules._shared import (
+    adamw_with_warmup,
+    as_user_turn,
+    on_device,
+    sampling_generator,
+    seeded_generator,
+)
 from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
@@ -214,6 +231,7 @@ class TeacherMetaRL(LightningModule):
             kl_coef=inner_kl_coef,
             micro_batch_size=inner_micro_batch_size,
             max_grad_norm=inner_max_grad_norm,
+            sync_ranks=False,  # the students are unsharded and each rank trains different ones
         )
         if reward is None:
             from lit_selfimprove.rewards import MathVerifyReward
@@ -240,6 +258,15 @@ class TeacherMetaRL(LightningModule):
         self.student.train()
         if hp.kl_coef > 0:
             self._frozen["ref"] = frozen_copy(self.teacher)
+        # DDP must not all-reduce the students' gradients: each rank trains different copies
+        self._ddp_params_and_buffers_to_ignore = [
+            f"student.{name}" for name, _ in self.student.named_parameters()
+        ] + [f"student.{name}" for name, _ in self.student.named_buffers()]
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 shards the teacher (and its reference)
+            shard_model(self.teacher, mesh)
+            if "ref" in self._frozen:
+                shard_model(self._frozen["ref"], mesh)
 
     def _frozen_model(self, key: str) -> torch.nn.Module | None:
         return on_device(self._frozen.get(key), self.device)
@@ -251,6 +278,47 @@ class TeacherMetaRL(LightningModule):
 
     def sampling_generator(self) -> torch.Generator:
         return sampling_generator(self)
+
+    def job_generator(self, job: int) -> torch.Generator:
+        """The RNG of inner training / intrinsic evaluation ``job`` of this outer step, the same
+        whichever rank runs it."""
+        return seeded_generator(self.device, 1_000_000 + job, self.global_step)
+
+    # ------------------------------------------------------------------------- distributed
+    @staticmethod
+    def world() -> tuple[int, int]:
+        """``(world_size, rank)`` of the default process group, ``(1, 0)`` without one."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def gather_objects(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` on one process)."""
+        world, _ = self.world()
+        if world == 1:
+            return [obj]
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world()[0] > 1:
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.cpu()
+
+    def median_student(self, k: int) -> dict | None:
+        """Dataset k's median-reward trained student (CPU state dict) on every rank.
+
+        Collective under torch.distributed: the rank that trained it broadcasts it."""
+        last = self.last_outer
+        state = last["median_students"][k]
+        world, rank = self.world()
+        if world == 1:
+            return state
+        box = [state if rank == last["median_owner"][k] else None]
+        dist.broadcast_object_list(box, src=last["median_owner"][k])
+        return box[0]
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -295,20 +363,27 @@ class TeacherMetaRL(LightningModule):
         the teacher rollouts they came from (row i wrote pair i). Raises ``RuntimeError`` (naming the
         validity rate) when ``max_sampling_rounds`` rounds do not give enough valid pairs."""
         hp = self.hparams
-        needed = hp.num_datasets * hp.dataset_size
-        per_round = hp.teacher_batch or needed
+        world, _ = self.world()
+        total = hp.num_datasets * hp.dataset_size
+        if total % world:
+            raise ValueError(
+                f"num_datasets * dataset_size = {total} pairs must split evenly over {world} ranks"
+            )
+        needed = total // world  # this rank's share
+        per_round = -(-hp.teacher_batch // world) if hp.teacher_batch else needed
         check = self.answers_ok()
         pairs: list[tuple[str, str]] = []
         kept: list[Rollouts] = []
         sampled = valid = rounds = 0
         lengths, truncated = [], []
-        while len(pairs) < needed:
+        # every rank samples until all ranks have their share (same number of teacher forwards)
+        while _any_rank(len(pairs) < needed, self.device):
             if rounds == hp.max_sampling_rounds:
                 rate = valid / max(1, sampled)
                 raise RuntimeError(
                     f"TeacherMetaRL: the teacher wrote {valid} valid (question, answer) pairs in {sampled} "
                     f"samples ({rounds} rounds of {per_round}): validity rate {rate:.1%}, but "
-                    f"num_datasets * dataset_size = {needed} are needed. Raise max_sampling_rounds or "
+                    f"{needed} are needed (num_datasets * dataset_size / ranks). Raise max_sampling_rounds or "
                     "teacher_batch, or check teacher_prompt, teacher_max_new_tokens and answer_check."
                 )
             ro = self.sample_teacher_round(per_round)
@@ -346,13 +421,18 @@ class TeacherMetaRL(LightningModule):
                 prompts[i : i + step],
                 max_new_tokens=budget,
                 temperature=0.0,
+                sync_ranks=False,
             )
             correct.append(score_completions(self.reward, ro.texts, answers[i : i + step])[1])
         return float(torch.cat(correct).float().mean())
 
     # ------------------------------------------------------------------ 3. teacher rewards
     def train_inner_student(
-        self, questions: list[str], answers: list[str], ref_model: torch.nn.Module | None = None
+        self,
+        questions: list[str],
+        answers: list[str],
+        ref_model: torch.nn.Module | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, float]:
         """RLVR of ``self.student`` in place on one dataset: ``inner_steps`` steps, a fresh AdamW.
 
@@ -362,7 +442,7 @@ class TeacherMetaRL(LightningModule):
         hp = self.hparams
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=hp.inner_lr, weight_decay=hp.inner_weight_decay)
-        gen = self.sampling_generator()
+        gen = generator or self.sampling_generator()
         order: list[int] = []
         sums: dict[str, float] = {}
         for _ in range(hp.inner_steps):
@@ -397,32 +477,41 @@ class TeacherMetaRL(LightningModule):
                 self._frozen["student_ref"] = frozen_copy(self.student)
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
-        per_repeat, medians, inner = [], [], []
-        try:
-            for data in datasets:
-                qs, ans = [q for q, _ in data], [a for _, a in data]
-                deltas, states = [], []
-                for _ in range(hp.num_repeats):
-                    self.student.load_state_dict(snapshot)
-                    inner.append(self.train_inner_student(qs, ans, ref))
-                    acc = self.greedy_accuracy(questions, answers)
-                    inner[-1]["accuracy_after"] = acc
-                    deltas.append(acc - base_acc)
-                    if hp.keep_median_students:
-                        states.append(
-                            {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
-                        )
-                # the median-reward repeat (the lower median when r is even)
-                median = sorted(range(len(deltas)), key=deltas.__getitem__)[(len(deltas) - 1) // 2]
-                medians.append(states[median] if states else None)
-                per_repeat.append(deltas)
+        g, r = len(datasets), hp.num_repeats
+        world, rank = self.world()
+        deltas = torch.zeros(g * r)
+        states: dict[int, dict] = {}
+        inner: list[dict] = []
+        try:  # training j = k * r + i (dataset k, repeat i) runs on rank j % world
+            for j in range(rank, g * r, world):
+                data = datasets[j // r]
+                self.student.load_state_dict(snapshot)
+                stats = self.train_inner_student(
+                    [q for q, _ in data], [a for _, a in data], ref, self.job_generator(j)
+                )
+                acc = self.greedy_accuracy(questions, answers)
+                stats["accuracy_after"] = acc
+                inner.append(stats)
+                deltas[j] = acc - base_acc
+                if hp.keep_median_students:
+                    states[j] = {
+                        k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()
+                    }
         finally:
             self.student.load_state_dict(snapshot)  # the baseline again, whatever happened
+        per_repeat = self.all_reduce_sum(deltas).view(g, r).tolist()
+        inner = [s for part in self.gather_objects(inner) for s in part]
+        medians, owners = [], []
+        for k, ds in enumerate(per_repeat):  # the median-reward repeat (the lower median when r is even)
+            j = k * r + sorted(range(r), key=ds.__getitem__)[(r - 1) // 2]
+            medians.append(states.get(j))
+            owners.append(j % world)
         inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
         return {
             "rewards": [sum(d) / len(d) for d in per_repeat],
             "per_repeat": per_repeat,
             "median_students": medians,
+            "median_owner": owners,
             "inner_stats": inner_stats,
         }
 
@@ -430,9 +519,11 @@ class TeacherMetaRL(LightningModule):
         """Intrinsic-T: per question of X_k, success rate s of ``intrinsic_samples`` baseline-student
         samples against the teacher's answer; r = 0 if s == 0 else 1 - s; R_k = mean over X_k."""
         hp = self.hparams
-        m, gen = hp.intrinsic_samples, self.sampling_generator()
-        rewards, rates = [], []
-        for data in datasets:
+        m = hp.intrinsic_samples
+        world, rank = self.world()
+        local: dict[int, list[float]] = {}
+        for k in range(rank, len(datasets), world):  # dataset k on rank k % world
+            data, gen = datasets[k], self.job_generator(k)
             success = []
             for i in range(0, len(data), hp.inner_batch):
                 chunk = data[i : i + hp.inner_batch]
@@ -444,17 +535,20 @@ class TeacherMetaRL(LightningModule):
                     max_new_tokens=hp.inner_max_new_tokens,
                     temperature=hp.inner_temperature,
                     generator=gen,
+                    sync_ranks=False,
                 )
                 _, correct = score_completions(self.reward, ro.texts, [a for _, a in chunk for _ in range(m)])
                 success.append(correct.float().view(-1, m).mean(-1))
-            s = torch.cat(success)
-            rates.append(s.tolist())
-            rewards.append(learnability(s))
+            local[k] = torch.cat(success).tolist()
+        gathered = {k: v for part in self.gather_objects(local) for k, v in part.items()}
+        rates = [gathered[k] for k in range(len(datasets))]
+        rewards = [learnability(torch.tensor(s)) for s in rates]
         flat = torch.tensor([x for r in rates for x in r])
         return {
             "rewards": rewards,
             "per_repeat": [[r] for r in rewards],
             "median_students": [None] * len(datasets),
+            "median_owner": [0] * len(datasets),
             "success_rates": rates,
             "inner_stats": {
                 "success_rate": float(flat.mean()),
@@ -466,14 +560,18 @@ class TeacherMetaRL(LightningModule):
     def teacher_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """One teacher step: RLOO policy gradient with per-rollout ``advantages`` + KL to the initial teacher.
 
-        Token-mean aggregation over all completion tokens of all rollouts; micro-batches are
-        weighted by their share of the tokens, so the gradient does not depend on their size.
+        Token-mean aggregation over all completion tokens of all rollouts (of all ranks); micro-batches
+        are weighted by their share of the tokens, so the gradient does not depend on their size.
         """
         hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
         input_ids, attention_mask, completion_mask = rollouts.sequences()
         token_mask = completion_mask[:, 1:].float()
-        total = token_mask.sum().clamp(min=1.0)
+        # the token mean over every rank's rollouts: DDP / FSDP average the ranks' gradients, so
+        # each rank weighs its tokens by world_size / (tokens on all ranks)
+        world, _ = self.world()
+        total = self.all_reduce_sum(token_mask.sum().detach().reshape(1)).to(self.device)[0].clamp(min=1.0)
+        total = total / world
         rows = input_ids.shape[0]
         mb = hp.teacher_micro_batch_size or rows
         chunks = [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
@@ -516,8 +614,14 @@ class TeacherMetaRL(LightningModule):
         hp = self.hparams
         questions, answers = unpack_problems(batch)
         g, n, step = hp.num_datasets, hp.dataset_size, self.global_step
-        # 1. g*n valid pairs from the teacher -> g datasets of n
-        pairs, rollouts, sampling = self.sample_valid_pairs()
+        world, rank = self.world()
+        if world > 1:  # one Q_R for every rank: the global batch
+            parts = self.gather_objects((questions, answers))
+            questions = [q for qs, _ in parts for q in qs]
+            answers = [a for _, ans in parts for a in ans]
+        # 1. g*n valid pairs from the teacher (each rank samples its share) -> g datasets of n
+        local_pairs, rollouts, sampling = self.sample_valid_pairs()
+        pairs = [p for part in self.gather_objects(local_pairs) for p in part]
         datasets = [pairs[k * n : (k + 1) * n] for k in range(g)]
         # 2. the baseline student's greedy accuracy on Q_R
         base_acc = self.greedy_accuracy(questions, answers)
@@ -527,9 +631,10 @@ class TeacherMetaRL(LightningModule):
         else:
             out = self.intrinsic_rewards(datasets)
         rewards = torch.tensor(out["rewards"], dtype=torch.float32)
-        # 4. RLOO over datasets, every rollout of X_k gets A_k
+        # 4. RLOO over datasets, every rollout of X_k gets A_k (this rank's rows of the g*n)
         adv = teacher_advantages(rewards)
-        update = self.teacher_update(rollouts, adv.repeat_interleave(n))
+        mine = slice(rank * len(local_pairs), (rank + 1) * len(local_pairs))
+        update = self.teacher_update(rollouts, adv.repeat_interleave(n)[mine])
         # 5. bookkeeping and logs
         self.last_outer = {
             "step": step,
@@ -537,6 +642,7 @@ class TeacherMetaRL(LightningModule):
             "per_repeat": out["per_repeat"],
             "datasets": [[{"question": q, "answer": a} for q, a in data] for data in datasets],
             "median_students": out["median_students"],
+            "median_owner": out.get("median_owner", [0] * g),
             "baseline_accuracy": base_acc,
             "advantages": adv.tolist(),
         }

@@ -43,6 +43,9 @@ class RLVRConfig:
     kl_estimator: str = "k3"
     micro_batch_size: int | None = None
     max_grad_norm: float | None = 1.0
+    # keep ranks generating in lockstep (needed when the policy is sharded); ``None``: on under
+    # torch.distributed. SOAR's inner students are unsharded and differ per rank: ``False``.
+    sync_ranks: bool | None = None
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -91,6 +94,7 @@ def rlvr_step(
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         generator=generator,
+        sync_ranks=cfg.sync_ranks,
     )
     # 2. score
     expanded = [a for a in answers for _ in range(g)]

@@ -1,0 +1,161 @@
+"""One or two CPU processes of ``TeacherMetaRL`` (SOAR's outer loop), for ``tests/test_soar_distributed.py``.
+
+Usage: ``python tests/_dist_soar_script.py {single|ddp|fsdp2} MODEL_DIR OUT_DIR``. Lightning's
+launcher re-runs this file for rank 1. The same 8 teacher texts are used in every mode (with two
+ranks, rank r writes texts 4r..4r+3), and Q_R is always all 8 problems of a fixed set, so the g
+datasets, Q_R and the per-training RNG streams are the same whatever the number of ranks. Each
+rank saves ``OUT_DIR/rank{r}.pt``: full teacher and student weights, the rewards of each outer
+step, how many inner trainings it ran, and the wall time of each outer step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+
+from lit_selfimprove.callbacks import Promotion
+from lit_selfimprove.datamodules.arithmetic import (
+    TINY_TEACHER_PROMPT,
+    ArithmeticProblemDataModule,
+    teacher_text,
+)
+from lit_selfimprove.generation import Rollouts
+from lit_selfimprove.modules.teacher_meta_rl import TeacherMetaRL
+
+STEPS, G, N, R = 2, 2, 4, 2
+# dataset 0 teaches the digit 1, dataset 1 the digit 7: they help on different Q_R problems
+TEXTS = [
+    teacher_text(f"{a}+{b}", str(a + b))
+    for a, b in [(5, 6), (10, 1), (4, 7), (2, 9), (70, 7), (33, 44), (7, 70), (50, 27)]
+]
+
+
+class AnswerDigitReward:
+    """Share of a completion's characters that are digits of the answer, minus 0.3 (correct: > 0).
+    Cheap, and what the student learns depends on the dataset it trains on."""
+
+    def __call__(self, completions, answers, prompts=None):
+        return torch.tensor(
+            [sum(c in a for c in t) / max(1, len(t)) - 0.3 for t, a in zip(completions, answers)]
+        )
+
+
+def rollouts_from_texts(tok, prompt: str, texts: list[str]) -> Rollouts:
+    enc = tok([prompt] * len(texts), return_tensors="pt", padding=True, padding_side="left")
+    comp = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, comp))
+    ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, c in enumerate(comp):
+        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
+    return Rollouts(
+        enc["input_ids"], enc["attention_mask"], ids, mask, list(texts), torch.ones(len(texts), dtype=bool)
+    )
+
+
+class StepTimer(Callback):
+    def __init__(self):
+        self.times: list[float] = []
+        self.rewards: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t0)
+        self.rewards.append(list(pl_module.last_outer["rewards"]))
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if torch.distributed.is_initialized():
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        sd = model.state_dict()
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
+
+
+def main() -> None:
+    which, model_dir, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    torch.set_num_threads(1)
+    devices, strategy = 2, "ddp"
+    if which == "single":
+        devices, strategy = 1, "auto"
+    elif which == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    elif which != "ddp":
+        raise SystemExit(f"unknown mode {which!r}")
+    seed_everything(0, verbose=False)
+    module = TeacherMetaRL(
+        teacher=model_dir,
+        student=model_dir,
+        reward=AnswerDigitReward(),
+        teacher_prompt=TINY_TEACHER_PROMPT,
+        prompt_template="Q: {question}\nA: ",
+        num_datasets=G,
+        dataset_size=N,
+        num_repeats=R,
+        inner_steps=12,
+        inner_batch=2,
+        inner_group_size=8,
+        inner_max_new_tokens=16,
+        inner_lr=1e-2,
+        lr=1e-2,
+        warmup_steps=0,
+        answer_check="light",
+        log_samples_every=0,
+    )
+    jobs = []
+    inner = module.train_inner_student
+    module.train_inner_student = lambda *a, **kw: jobs.append(1) or inner(*a, **kw)
+    rank_of = {"single": lambda: 0}.get(which, lambda: torch.distributed.get_rank())
+    module.sample_teacher_round = lambda num: rollouts_from_texts(
+        module.teacher_tokenizer,
+        module.teacher_prompt_text(),
+        TEXTS if which == "single" else TEXTS[4 * rank_of() : 4 * rank_of() + 4],
+    )
+    timer = StepTimer()
+    per_rank = 8 if which == "single" else 4
+    data = ArithmeticProblemDataModule(levels=[2], num_train=8, num_test=2, batch_size=per_rank)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(out_dir, name="run"),
+        default_root_dir=out_dir,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, Promotion(tau=-1.0, window=1)],  # promote every step: exercises the broadcast
+    )
+    trainer.fit(module, datamodule=data)
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "strategy": type(trainer.strategy).__name__,
+        "teacher": full_weights(module.teacher),
+        "student": full_weights(module.student),
+        "rewards": timer.rewards,
+        "step_times": timer.times,
+        "jobs": len(jobs),
+        "teacher_dtensor": any(type(p).__name__ == "DTensor" for p in module.teacher.parameters()),
+        "student_dtensor": any(type(p).__name__ == "DTensor" for p in module.student.parameters()),
+    }
+    torch.save(result, out_dir / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
