@@ -1,6 +1,14 @@
-"""DataModules: problem sets (MATH, HARP, OlympiadBench, jsonl, hub) and the tiny arithmetic world."""
+"""DataModules: problem sets (MATH, HARP, OlympiadBench, jsonl, hub), prefix-suffix document
+streams (SlimPajama, RedPajama, local files) and the tiny worlds."""
 
 from lit_selfimprove.datamodules.arithmetic import ArithmeticPretrainDataModule, ArithmeticProblemDataModule
+from lit_selfimprove.datamodules.prefix_suffix import (
+    DEFAULT_SPLITS,
+    PrefixSuffixDataModule,
+    PrefixSuffixDataset,
+    assign_split,
+    collate_prefix_suffix,
+)
 from lit_selfimprove.datamodules.problems import (
     PROBLEM_FORMATS,
     ProblemDataModule,
@@ -11,7 +19,12 @@ from lit_selfimprove.datamodules.problems import (
 )
 
 __all__ = [
+    "DEFAULT_SPLITS",
     "PROBLEM_FORMATS",
+    "PrefixSuffixDataModule",
+    "PrefixSuffixDataset",
+    "assign_split",
+    "collate_prefix_suffix",
     "ArithmeticPretrainDataModule",
     "ArithmeticProblemDataModule",
     "ProblemDataModule",
