@@ -79,11 +79,29 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _expand_token_prompts(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, num_samples: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenized prompts repeated ``num_samples`` times each (row ``i`` -> rows ``i*n .. i*n+n-1``)."""
+    if prompt_ids.ndim != 2 or prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty [B, P] tensor, got {tuple(prompt_ids.shape)}")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError("prompt_mask must have the shape of prompt_ids")
+    # left padding: the next token of every row is sampled from the last column
+    if not bool((prompt_mask[:, -1] != 0).all()):
+        raise ValueError("prompt_ids must be LEFT-padded (every row's last column a real token)")
+    prompt_ids = prompt_ids.to(device).long().repeat_interleave(num_samples, dim=0)
+    prompt_mask = prompt_mask.to(device).long().repeat_interleave(num_samples, dim=0)
+    return prompt_ids, prompt_mask
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | None = None,
     num_samples: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -91,31 +109,43 @@ def generate(
     generator: torch.Generator | None = None,
     sync_ranks: bool | None = None,
     max_prompt_tokens: int | None = None,
+    prompt_ids: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> Rollouts:
     """Sample ``num_samples`` completions per prompt (``temperature=0`` is greedy).
+
+    Prompts are strings (tokenized here) or, instead, already tokenized LEFT-padded
+    ``prompt_ids`` / ``prompt_mask`` ``[B, P]`` tensors: a data module that cut documents
+    into token windows passes them as they are, since re-tokenizing their decoded text need
+    not give the same tokens (``max_prompt_tokens`` does not apply to them).
 
     Generation stops at EOS. Under torch.distributed, ``sync_ranks`` (default: on when a
     process group is initialised) keeps every rank generating until all ranks are done,
     so sharded models see matching collectives. Uses ``no_grad`` (not inference mode):
     the prompt tensors are later fed to forward passes with gradients.
     """
-    if not prompts:
+    if (prompts is None) == (prompt_ids is None):
+        raise ValueError("generate() needs either prompts or prompt_ids (not both)")
+    if prompts is not None and not prompts:
         raise ValueError("generate() needs at least one prompt")
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("num_samples and max_new_tokens must be >= 1")
     device = next(model.parameters()).device
     if sync_ranks is None:
         sync_ranks = dist.is_available() and dist.is_initialized()
-    expanded = [p for p in prompts for _ in range(num_samples)]
-    enc = tokenizer(
-        expanded,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        truncation=max_prompt_tokens is not None,
-        max_length=max_prompt_tokens,
-    )
-    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if prompt_ids is not None:
+        prompt_ids, prompt_mask = _expand_token_prompts(prompt_ids, prompt_mask, num_samples, device)
+    else:
+        expanded = [p for p in prompts for _ in range(num_samples)]
+        enc = tokenizer(
+            expanded,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            truncation=max_prompt_tokens is not None,
+            max_length=max_prompt_tokens,
+        )
+        prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     eos_ids = tokenizer.eos_token_id
     eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=device)
     pad_id = tokenizer.pad_token_id

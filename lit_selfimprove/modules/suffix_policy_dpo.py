@@ -1,0 +1,630 @@
+"""SuffixPolicyDPO: Self-Improving Pretraining's online DPO / RF-NLL on prefix -> suffix.
+
+Each training step (``global_step`` counts optimizer steps: exactly one per batch of prefixes,
+also when every prefix of the step is skipped and nothing is updated):
+
+1. sample ``num_rollouts`` continuations per prefix from the policy;
+2. candidates = the rollouts + the original suffix + a rewritten suffix (each optional);
+3. the injected judge scores every candidate (the original suffix is the reference);
+4. per prefix: chosen = best, rejected = worst total score (``nan`` left out; all-equal
+   prefixes skipped; ties broken by a seeded random choice);
+5. loss: DPO on (chosen, rejected) against a frozen reference, or RF-NLL on chosen;
+6. manual backward, gradient clipping, optimizer and LR-scheduler step.
+
+Batches come from a prefix-suffix data module: ``prefix_ids`` / ``prefix_mask`` ``[B, P]``
+LEFT-padded, ``suffix_ids`` / ``suffix_mask`` ``[B, N]`` RIGHT-padded, and the lists
+``prefix_text``, ``suffix_text``, ``doc_id``. Validation samples one continuation per held-out
+prefix and judges it against the original suffix (``val/quality_win_vs_suffix``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning import LightningModule
+from torch import Tensor
+
+from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
+from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modules._shared import on_device
+from lit_selfimprove.modules.next_token import cosine_schedule
+from lit_selfimprove.rl.logprobs import sequence_logprobs
+from lit_selfimprove.rl.losses import dpo_loss, nll_loss
+
+SOURCES = ("rollout", "suffix", "rewrite")
+LOSSES = ("dpo", "rf_nll")
+BATCH_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_text", "suffix_text")
+
+
+# --------------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    """Chosen / rejected candidate per prefix (``-1`` where the prefix is skipped)."""
+
+    chosen: Tensor  # [B] long
+    rejected: Tensor  # [B] long
+    valid: Tensor  # [B] bool: a (chosen, rejected) pair was formed
+    tie_best: Tensor  # [B] bool: several candidates shared the best score
+    tie_worst: Tensor  # [B] bool: several candidates shared the worst score
+
+
+def _pick(indices: Tensor, generator: torch.Generator | None) -> int:
+    # draw only on a tie, so that untied steps leave the generator (and the run) unchanged
+    if len(indices) == 1:
+        return int(indices[0])
+    return int(indices[torch.randint(len(indices), (1,), generator=generator)])
+
+
+def select_pairs(total: Tensor, generator: torch.Generator | None = None, atol: float = 1e-6) -> Selection:
+    """Per row of ``total`` ``[B, C]``: chosen = argmax, rejected = argmin, ``nan`` excluded.
+
+    A row with fewer than two scored candidates, or whose scores are all equal (within
+    ``atol``: win rates computed in floating point), carries no preference and is skipped.
+    Several candidates sharing the best (worst) score are a tie, broken uniformly at random
+    with ``generator`` (a fixed order would favour, e.g., rollout 0 or the suffix).
+    """
+    if total.ndim != 2:
+        raise ValueError(f"total must be [B, C], got {tuple(total.shape)}")
+    total = total.detach().float().cpu()
+    rows = total.shape[0]
+    chosen = torch.full((rows,), -1, dtype=torch.long)
+    rejected = chosen.clone()
+    tie_best = torch.zeros(rows, dtype=torch.bool)
+    tie_worst = tie_best.clone()
+    for b in range(rows):
+        row = total[b]
+        scored = ~torch.isnan(row)
+        if int(scored.sum()) < 2:
+            continue
+        hi, lo = float(row[scored].max()), float(row[scored].min())
+        if hi - lo <= atol:
+            continue
+        best = (scored & (row >= hi - atol)).nonzero().flatten()
+        worst = (scored & (row <= lo + atol)).nonzero().flatten()
+        chosen[b], rejected[b] = _pick(best, generator), _pick(worst, generator)
+        tie_best[b], tie_worst[b] = len(best) > 1, len(worst) > 1
+    return Selection(chosen, rejected, chosen >= 0, tie_best, tie_worst)
+
+
+@dataclass
+class Candidates:
+    """The candidate continuations of ``B`` prefixes: ``C`` per prefix, as tokens and text."""
+
+    ids: Tensor  # [B, C, T] right-padded continuation tokens
+    mask: Tensor  # [B, C, T] 1 for real tokens
+    texts: list[list[str]]  # [B][C] what the judge reads
+    sources: list[str]  # [C] "rollout" | "suffix" | "rewrite"
+
+
+def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
+
+
+def _stable_seed(*parts) -> int:
+    """A 63-bit seed mixed from ``parts`` (independent streams, unlike ``seed + rank``)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: Tensor, op=None) -> Tensor:
+    """Sum (or ``op``) over ranks in place; a no-op without a process group."""
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t
+
+
+def _nanmean(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else math.nan
+
+
+class SuffixPolicyDPO(LightningModule):
+    """Online DPO / RF-NLL of a causal LM on prefix -> suffix, supervised by a judge.
+
+    Args:
+        model: hub id, local folder or ``builtin:tiny-student``.
+        judge: a :class:`~lit_selfimprove.judges.CandidateJudge` scoring candidate
+            continuations (``class_path:`` in YAML); kept out of the checkpoint.
+        tokenizer: defaults to ``model``.
+        rewriter: a :class:`~lit_selfimprove.judges.Rewriter`; needed by ``include_rewrite``.
+        num_rollouts: K policy rollouts per prefix (paper: 16; 0 = suffix vs rewrite only).
+        include_suffix: the original suffix is a candidate.
+        include_rewrite: the rewritten suffix (cut to the batch's suffix length) is a candidate.
+        loss: ``dpo`` (chosen vs rejected, against a frozen reference) or ``rf_nll``
+            (reward-filtered NLL on the chosen candidate; no reference model is kept).
+        beta: DPO temperature (not stated in the paper).
+        max_new_tokens: rollout length (default: the batch's suffix length N).
+        temperature: sampling temperature of the rollouts (paper: 1.0).
+        top_p: nucleus threshold of the rollouts (paper: 1.0).
+        lr: AdamW peak learning rate (paper, continual pretraining: 5e-6).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup, then cosine decay over ``trainer.max_steps``.
+        min_lr_ratio: cosine floor as a fraction of ``lr`` (paper: 0.1).
+        grad_clip: gradient-norm clipping (``None`` disables).
+        micro_batch_size: prefixes (pairs) per forward/backward; ``None``: the whole batch.
+        val_temperature: sampling temperature of the validation continuation.
+        val_max_new_tokens: validation continuation length (default: as in training).
+        dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs).
+        attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
+        quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
+        lora: ``peft.LoraConfig`` kwargs.
+        seed: seed of sampling and tie-breaking (default: the global seed, ``seed_everything``).
+            Generators are re-seeded from (seed, data-parallel rank, step) every step, so a
+            resumed run draws what an uninterrupted one would, and ranks draw differently.
+        log_samples_every: append prefixes, candidates, scores and the pair to
+            ``samples.jsonl`` in the log dir every N steps (0: never).
+        num_log_samples: prefixes written each time.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        judge: CandidateJudge,
+        tokenizer: str | None = None,
+        rewriter: Rewriter | None = None,
+        num_rollouts: int = 16,
+        include_suffix: bool = True,
+        include_rewrite: bool = False,
+        loss: str = "dpo",
+        beta: float = 0.1,
+        max_new_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        lr: float = 5e-6,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float | None = 1.0,
+        micro_batch_size: int | None = None,
+        val_temperature: float = 1.0,
+        val_max_new_tokens: int | None = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        quantization: dict | None = None,
+        lora: dict | None = None,
+        seed: int | None = None,
+        log_samples_every: int = 50,
+        num_log_samples: int = 2,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if num_rollouts < 0:
+            raise ValueError(f"num_rollouts must be >= 0, got {num_rollouts}")
+        if include_rewrite and rewriter is None:
+            raise ValueError("include_rewrite=True needs a rewriter")
+        if num_rollouts + int(include_suffix) + int(include_rewrite) < 2:
+            raise ValueError("a preference needs at least two candidates per prefix")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        self.save_hyperparameters(ignore=["judge", "rewriter"])
+        self.automatic_optimization = False
+        # judge / rewriter may be nn.Modules (local HF models): a plain dict keeps them out of
+        # the module tree, so they are neither in the state_dict nor moved by Lightning
+        self._injected = {"judge": judge, "rewriter": rewriter}
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.policy: torch.nn.Module | None = None
+        self._frozen: dict[str, torch.nn.Module] = {}  # DPO reference: kept out of state_dict
+        self.last_selection: dict[str, float] | None = None  # read by SelectionStats
+        self._eval_sums: dict[str, list[float]] = {}
+
+    @property
+    def judge(self) -> CandidateJudge:
+        return self._injected["judge"]
+
+    @property
+    def rewriter(self) -> Rewriter | None:
+        return self._injected["rewriter"]
+
+    @property
+    def sources(self) -> list[str]:
+        """The source of each candidate column: K rollouts, then suffix, then rewrite."""
+        hp = self.hparams
+        return (
+            ["rollout"] * hp.num_rollouts + ["suffix"] * hp.include_suffix + ["rewrite"] * hp.include_rewrite
+        )
+
+    # ----------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = load_causal_lm(
+            hp.model,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            quantization=hp.quantization,
+            lora=hp.lora,
+        )
+        self.policy.train()
+        if hp.loss == "dpo":
+            self._frozen["ref"] = frozen_copy(self.policy)
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:  # ModelParallelStrategy: FSDP2
+            shard_model(self.policy, mesh)
+            if "ref" in self._frozen:
+                shard_model(self._frozen["ref"], mesh)
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The frozen initial policy (DPO only; ``None`` for RF-NLL)."""
+        return on_device(self._frozen.get("ref"), self.device)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 10_000
+        total = int(total) if math.isfinite(total) else 10_000
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_schedule(hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def _generator(self, stream: str, step: int, device: torch.device | str) -> torch.Generator:
+        """A generator for ``stream`` at ``step`` of this data-parallel rank.
+
+        ``seed_everything`` gives all ranks one global RNG state; drawing from it would make
+        ranks sample alike. Tensor-parallel peers (same data) share the data-parallel rank.
+        """
+        base = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
+        rank, mesh = self.global_rank, getattr(self, "device_mesh", None)
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            rank = mesh["data_parallel"].get_local_rank()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_stable_seed(base, rank, stream, step))
+        return gen
+
+    # -------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"a prefix-suffix batch needs {missing}, got {sorted(batch)}")
+        step = self.global_step
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
+        budget = hp.max_new_tokens or batch["suffix_ids"].shape[1]
+
+        # 1. K rollouts per prefix (all ranks run the same number of forwards: generate syncs)
+        rollouts = None
+        if hp.num_rollouts > 0:
+            rollouts = generate(
+                self.policy,
+                self.tokenizer,
+                prompt_ids=batch["prefix_ids"],
+                prompt_mask=batch["prefix_mask"],
+                num_samples=hp.num_rollouts,
+                max_new_tokens=budget,
+                temperature=hp.temperature,
+                top_p=hp.top_p,
+                generator=self._generator("train", step, self.device),
+            )
+        # 2. candidates: rollouts + suffix + rewrite
+        cands = self.build_candidates(batch, rollouts)
+        # 3. judge every candidate against the original suffix
+        scores = self.judge.score_candidates(prefixes, cands.texts, references=suffixes)
+        total = scores.total.detach().float().cpu().clone()
+        if tuple(total.shape) != (len(prefixes), len(cands.sources)):
+            raise ValueError(
+                f"judge returned total {tuple(total.shape)}, expected {(len(prefixes), len(cands.sources))}"
+            )
+        total[cands.mask.sum(-1).cpu() == 0] = math.nan  # an empty continuation teaches nothing
+        # 4. chosen = best, rejected = worst
+        sel = select_pairs(total, self._generator("select", step, "cpu"))
+        counts = self._selection_counts(sel, cands.sources, step)
+        # 5.-6. loss, backward, clip, step (no update, but counters step, when no pair anywhere)
+        lr = sched.get_last_lr()[0]  # the rate this step's update uses
+        loss_stats = self._update(batch, cands, sel, opt, sched, int(counts["pairs"]))
+
+        self._log_step(scores, total, cands, sel, counts, loss_stats, rollouts, len(prefixes))
+        self.log("train/lr", lr, batch_size=len(prefixes))
+        every = hp.log_samples_every
+        if every and step % every == 0:
+            self._write_samples(batch, cands, total, scores, sel, step)
+
+    def build_candidates(self, batch: dict, rollouts: Rollouts | None) -> Candidates:
+        """Tokens and texts of every candidate; all continue the prefix, at most max(L, N) tokens."""
+        hp = self.hparams
+        pad = self.tokenizer.pad_token_id
+        rows = len(batch["prefix_text"])
+        parts_ids, parts_mask = [], []
+        texts: list[list[str]] = [[] for _ in range(rows)]
+        if rollouts is not None:
+            k = hp.num_rollouts
+            parts_ids.append(rollouts.completion_ids.view(rows, k, -1))
+            parts_mask.append(rollouts.completion_mask.view(rows, k, -1))
+            for b in range(rows):
+                texts[b] += rollouts.texts[b * k : (b + 1) * k]
+        suffix_ids, suffix_mask = batch["suffix_ids"], batch["suffix_mask"]
+        if hp.include_suffix:
+            parts_ids.append(suffix_ids[:, None])
+            parts_mask.append(suffix_mask[:, None])
+            for b in range(rows):
+                texts[b].append(batch["suffix_text"][b])
+        if hp.include_rewrite:
+            ids, mask, rewritten = self._rewrite(batch, suffix_ids.shape[1])
+            parts_ids.append(ids[:, None].to(suffix_ids.device))
+            parts_mask.append(mask[:, None].to(suffix_ids.device))
+            for b in range(rows):
+                texts[b].append(rewritten[b])
+        length = max(p.shape[-1] for p in parts_ids)
+        ids = torch.cat([_pad_to(p, length, pad) for p in parts_ids], dim=1)
+        mask = torch.cat([_pad_to(p.long(), length, 0) for p in parts_mask], dim=1)
+        return Candidates(ids, mask, texts, self.sources)
+
+    def _rewrite(self, batch: dict, max_tokens: int) -> tuple[Tensor, Tensor, list[str]]:
+        """The rewriter's suffixes, re-tokenized and cut to ``max_tokens`` (the judge reads the cut text)."""
+        prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
+        rewritten = [str(t) for t in self.rewriter.rewrite(prefixes, suffixes)]
+        if len(rewritten) != len(prefixes):
+            raise ValueError(f"rewriter returned {len(rewritten)} texts for {len(prefixes)} prefixes")
+        token_lists = self.tokenizer(rewritten, add_special_tokens=False)["input_ids"]
+        ids = torch.full((len(rewritten), max_tokens), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        texts = []
+        for b, (text, toks) in enumerate(zip(rewritten, token_lists)):
+            toks = toks[:max_tokens]
+            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[b, : len(toks)] = 1
+            cut = len(toks) < len(token_lists[b])
+            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True) if cut else text)
+        return ids, mask, texts
+
+    def _selection_counts(self, sel: Selection, sources: list[str], step: int) -> dict[str, float]:
+        """Chosen / rejected source counts summed over ranks (``last_selection``, ``select/*``)."""
+        names = ["prefixes", "pairs", "skipped", "ties_best", "ties_worst"]
+        values = [len(sel.valid), int(sel.valid.sum()), int((~sel.valid).sum())]
+        values += [int(sel.tie_best.sum()), int(sel.tie_worst.sum())]
+        src = [sources[i] if i >= 0 else None for i in sel.chosen.tolist()]
+        rej = [sources[i] if i >= 0 else None for i in sel.rejected.tolist()]
+        for s in SOURCES:
+            names += [f"chosen_{s}", f"rejected_{s}"]
+            values += [src.count(s), rej.count(s)]
+        summed = _all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+        counts = dict(zip(names, summed))
+        self.last_selection = {"step": float(step), **counts}
+        return counts
+
+    # ------------------------------------------------------------------------------ loss
+    def _pair_sequences(self, batch: dict, cands: Candidates, rows: list[int], cols: Tensor):
+        """``(input_ids, attention_mask, completion_mask)`` of prefix + candidate ``cols[i]`` of row ``rows[i]``."""
+        idx = torch.tensor(rows, device=cands.ids.device)
+        cols = cols.to(cands.ids.device)
+        cand_ids, cand_mask = cands.ids[idx, cols], cands.mask[idx, cols]
+        keep = max(1, int(cand_mask.sum(-1).max()))
+        cand_ids, cand_mask = cand_ids[:, :keep], cand_mask[:, :keep]
+        prefix_ids, prefix_mask = batch["prefix_ids"][idx], batch["prefix_mask"][idx].long()
+        ids = torch.cat([prefix_ids, cand_ids], dim=1)
+        attn = torch.cat([prefix_mask, cand_mask], dim=1)
+        cmask = torch.cat([torch.zeros_like(prefix_mask), cand_mask], dim=1)
+        return ids, attn, cmask
+
+    def _update(self, batch, cands: Candidates, sel: Selection, opt, sched, global_pairs: int) -> dict:
+        """Steps 5-6. Every rank runs the same number of forward/backward passes (a rank with
+        fewer pairs runs zero-weight ones: FSDP2 collectives and DDP all-reduces must match),
+        and the loss is the mean over the pairs of all ranks."""
+        hp = self.hparams
+        rows = sel.valid.nonzero().flatten().tolist()
+        if global_pairs == 0:  # nothing to learn anywhere: grads stay None, AdamW skips them
+            opt.step()
+            sched.step()
+            return {}
+        size = hp.micro_batch_size or max(1, len(rows))
+        local_chunks = torch.tensor([math.ceil(len(rows) / size)], device=self.device)
+        chunks = int(_all_reduce(local_chunks, dist.ReduceOp.MAX).item())
+        world = dist.get_world_size() if _distributed() else 1
+        parts: dict[str, list[Tensor]] = {}
+        for c in range(chunks):
+            part = rows[c * size : (c + 1) * size]
+            weight = len(part) * world / global_pairs
+            if not part:  # a dummy pair with weight 0 keeps this rank in step with the others
+                part, weight = [0], 0.0
+            loss, stats = self._pair_loss(batch, cands, sel, part)
+            self.manual_backward(loss * weight)
+            if weight > 0:
+                for k, v in stats.items():
+                    parts.setdefault(k, []).append(v)
+        if hp.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        return self._loss_stats({k: torch.cat(v) for k, v in parts.items()})
+
+    def _pair_loss(self, batch, cands: Candidates, sel: Selection, rows: list[int]) -> tuple[Tensor, dict]:
+        """Loss of one chunk of pairs (mean over its pairs) and detached per-pair values."""
+        index = torch.tensor(rows)
+        chosen = sel.chosen[index].clamp(min=0)
+        if self.hparams.loss == "rf_nll":
+            ids, attn, cmask = self._pair_sequences(batch, cands, rows, chosen)
+            logps = sequence_logprobs(self.policy, ids, attn, cmask)
+            mask = cmask[:, 1:]
+            loss = nll_loss(logps, mask)
+            stats = {"nll_sum": -logps.detach().sum(-1), "tokens": mask.sum(-1).float()}
+            return loss, stats
+        rejected = sel.rejected[index].clamp(min=0)
+        n = len(rows)
+        ids, attn, cmask = self._pair_sequences(batch, cands, rows + rows, torch.cat([chosen, rejected]))
+        logps = sequence_logprobs(self.policy, ids, attn, cmask)
+        with torch.no_grad():
+            ref_logps = sequence_logprobs(self.ref_model, ids, attn, cmask).sum(-1)
+        seq = logps.sum(-1)
+        loss, _ = dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta=self.hparams.beta)
+        stats = {
+            "policy_chosen": seq[:n].detach(),
+            "policy_rejected": seq[n:].detach(),
+            "ref_chosen": ref_logps[:n],
+            "ref_rejected": ref_logps[n:],
+            "nll_sum": -logps[:n].detach().sum(-1),
+            "tokens": cmask[:n, 1:].sum(-1).float(),
+        }
+        return loss, stats
+
+    def _loss_stats(self, v: dict[str, Tensor]) -> dict[str, float]:
+        """This rank's per-pair values -> logged numbers."""
+        if not v:
+            return {}
+        out = {"nll_chosen": float(v["nll_sum"].sum() / v["tokens"].sum().clamp(min=1))}
+        if self.hparams.loss == "rf_nll":
+            out["loss"] = out["rf_nll"] = out["nll_chosen"]
+            return out
+        loss, stats = dpo_loss(
+            v["policy_chosen"],
+            v["policy_rejected"],
+            v["ref_chosen"],
+            v["ref_rejected"],
+            beta=self.hparams.beta,
+        )
+        out.update(
+            loss=float(loss),
+            dpo_margin=float(stats["margin"]),
+            dpo_accuracy=float(stats["accuracy"]),
+            reward_chosen=float(stats["reward_chosen"]),
+            reward_rejected=float(stats["reward_rejected"]),
+        )
+        return out
+
+    # ------------------------------------------------------------------------------ logs
+    def _log_step(
+        self, scores: CandidateScores, total, cands, sel, counts, loss_stats, rollouts, rows
+    ) -> None:
+        metrics: dict[str, float] = {}
+        sources = cands.sources
+        tables = {"score": total, **{k: v.detach().float().cpu() for k, v in scores.components.items()}}
+        for name, table in tables.items():
+            for s in dict.fromkeys(sources):
+                cols = [i for i, x in enumerate(sources) if x == s]
+                metrics[f"judge/{name}_{s}"] = _nanmean(table[:, cols])
+        valid = sel.valid
+        if valid.any():
+            r = valid.nonzero().flatten()
+            metrics["judge/score_chosen"] = _nanmean(total[r, sel.chosen[r]])
+            metrics["judge/score_rejected"] = _nanmean(total[r, sel.rejected[r]])
+        for k, v in scores.stats.items():
+            metrics[f"judge/{k}"] = float(v)
+        pairs = counts["pairs"]
+        for s in dict.fromkeys(sources):
+            if pairs > 0:
+                metrics[f"select/chosen_{s}"] = counts[f"chosen_{s}"] / pairs
+                metrics[f"select/rejected_{s}"] = counts[f"rejected_{s}"] / pairs
+        for k in ("pairs", "skipped", "ties_best", "ties_worst"):
+            metrics[f"select/{k}"] = counts[k]
+        if rollouts is not None:
+            metrics["train/rollout_len"] = float(rollouts.lengths.float().mean())
+            metrics["train/rollout_finished"] = float(rollouts.finished.float().mean())
+        metrics.update({f"train/{k}": v for k, v in loss_stats.items()})
+        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        self.log_dict(metrics, batch_size=rows)
+        if "select/chosen_rollout" in metrics:
+            self.log(
+                "chosen_rollout",
+                metrics["select/chosen_rollout"],
+                prog_bar=True,
+                logger=False,
+                batch_size=rows,
+            )
+
+    def _write_samples(self, batch, cands: Candidates, total, scores: CandidateScores, sel, step) -> None:
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        components = {k: v.detach().float().cpu() for k, v in scores.components.items()}
+        rows = []
+        for b in range(min(len(cands.texts), self.hparams.num_log_samples)):
+            candidates = []
+            for c, text in enumerate(cands.texts[b]):
+                entry = {"source": cands.sources[c], "text": text, "score": float(total[b, c])}
+                entry.update({k: float(v[b, c]) for k, v in components.items()})
+                candidates.append(entry)
+            ok = bool(sel.valid[b])
+            rows.append(
+                {
+                    "step": step,
+                    "doc_id": str(batch["doc_id"][b]) if "doc_id" in batch else None,
+                    "prefix": batch["prefix_text"][b],
+                    "suffix": batch["suffix_text"][b],
+                    "candidates": candidates,
+                    "chosen": int(sel.chosen[b]) if ok else None,
+                    "rejected": int(sel.rejected[b]) if ok else None,
+                    "tie_best": bool(sel.tie_best[b]),
+                    "tie_worst": bool(sel.tie_worst[b]),
+                }
+            )
+        path = Path(self.trainer.log_dir) / "samples.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r, allow_nan=True) + "\n")
+
+    # ------------------------------------------------------------------------ validation
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """One sampled continuation per prefix, judged as candidate 0 of [continuation, suffix]."""
+        hp = self.hparams
+        prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
+        budget = hp.val_max_new_tokens or hp.max_new_tokens or batch["suffix_ids"].shape[1]
+        rollouts = generate(
+            self.policy,
+            self.tokenizer,
+            prompt_ids=batch["prefix_ids"],
+            prompt_mask=batch["prefix_mask"],
+            max_new_tokens=budget,
+            temperature=hp.val_temperature,
+            generator=self._generator(stage, batch_idx, self.device),  # same draws every evaluation
+        )
+        scores = self.judge.score_candidates(
+            prefixes, [[t, s] for t, s in zip(rollouts.texts, suffixes)], references=suffixes
+        )
+        values = {"score": scores.total, "rollout_len": rollouts.lengths[:, None].float()}
+        for name, table in scores.components.items():
+            values["quality_win_vs_suffix" if name == "quality" else name] = table
+        for name, table in values.items():
+            col = table.detach().float().cpu()[:, 0]
+            col = col[~torch.isnan(col)]
+            acc = self._eval_sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(col.sum())
+            acc[1] += col.numel()
+
+    def _log_eval(self, stage: str) -> None:
+        """Means over all ranks' prefixes (sums and counts reduced here: ranks may leave out
+        different unscored continuations, which ``self.log(sync_dist=True)`` would weigh wrongly)."""
+        names = sorted(self._eval_sums)
+        if not names:
+            return
+        sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
+        sums = _all_reduce(sums).cpu()
+        for name, (total, count) in zip(names, sums.tolist()):
+            if count > 0:
+                self.log(f"{stage}/{name}", total / count, prog_bar=name == "score")
+        self._eval_sums = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums = {}
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
