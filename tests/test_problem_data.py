@@ -445,3 +445,31 @@ def test_collate_problems():
         [{"id": "a", "question": "q", "answer": "1"}, {"id": "b", "question": "r", "answer": "2"}]
     )
     assert batch == {"id": ["a", "b"], "question": ["q", "r"], "answer": ["1", "2"]}
+
+
+@pytest.mark.parametrize("order", ["mixed", "curriculum"])
+def test_extra_train_sources_join_the_training_set(tmp_path, order):
+    """SOAR-PQ: promotion questions (no ids) + D_train; curriculum puts them first every epoch."""
+    pq = tmp_path / "pq.jsonl"
+    pq.write_text(
+        "".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1), "step": 0}) + "\n" for i in range(6))
+    )
+    dm = ProblemDataModule(
+        train_source="builtin:tiny-hard-train",
+        test_source="builtin:tiny-hard-test",
+        extra_train_sources=[str(pq)],
+        extra_order=order,
+        batch_size=6,
+    )
+    dm.setup("fit")
+    assert dm.num_extra == 6 and len(dm.train_records) == 64 + 6
+    assert len({r["id"] for r in dm.train_records}) == 70  # ids made unique
+    seen = [q for _ in range(2) for b in dm.train_dataloader() for q in b["question"]]
+    assert len(seen) == 2 * 70 and sum(q.endswith("+1") for q in seen) == 12  # every problem once per epoch
+    first_batch = next(iter(dm.train_dataloader()))["question"]
+    if order == "curriculum":
+        assert all(q.endswith("+1") for q in first_batch)
+    else:
+        assert not all(q.endswith("+1") for q in first_batch)
+    with pytest.raises(ValueError, match="extra_order"):
+        ProblemDataModule(train_source=str(pq), extra_order="random")

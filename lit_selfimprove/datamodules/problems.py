@@ -375,6 +375,24 @@ def collate_problems(batch: Sequence[dict[str, str]]) -> dict[str, list[str]]:
     return {key: [r[key] for r in batch] for key in ("id", "question", "answer")}
 
 
+class CurriculumSampler(torch.utils.data.Sampler):
+    """Indices ``0..first-1`` (the extra problems) then ``first..total-1``, each part shuffled."""
+
+    def __init__(self, first: int, total: int, generator: torch.Generator | None, shuffle: bool = True):
+        self.first, self.total, self.generator, self.shuffle = first, total, generator, shuffle
+
+    def _part(self, start: int, stop: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(start, stop))
+        return [start + i for i in torch.randperm(stop - start, generator=self.generator).tolist()]
+
+    def __iter__(self):
+        return iter(self._part(0, self.first) + self._part(self.first, self.total))
+
+    def __len__(self) -> int:
+        return self.total
+
+
 class ProblemDataModule(LightningDataModule):
     """Problems (question + reference answer) for training and evaluating a self-improving LM.
 
@@ -413,6 +431,11 @@ class ProblemDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         skip_malformed: Skip (and count) malformed records instead of raising.
         shuffle: Shuffle the training problems every epoch.
+        extra_train_sources: More training problems (jsonl, auto-detected format), e.g. SOAR's
+            promotion questions ``pq.jsonl`` or questions sampled from a teacher: SOAR-PQ trains a
+            fresh student on PQ + D_train.
+        extra_order: ``mixed`` (one shuffle of extra + train problems) or ``curriculum`` (every epoch
+            the extra problems first, then the training problems, each shuffled on its own).
     """
 
     def __init__(
@@ -433,8 +456,12 @@ class ProblemDataModule(LightningDataModule):
         num_workers: int = 0,
         skip_malformed: bool = False,
         shuffle: bool = True,
+        extra_train_sources: list[str] | None = None,
+        extra_order: str = "mixed",
     ) -> None:
         super().__init__()
+        if extra_order not in ("mixed", "curriculum"):
+            raise ValueError(f"extra_order must be 'mixed' or 'curriculum', got {extra_order!r}")
         if train_source is None and test_source is None:
             raise ValueError("ProblemDataModule needs train_source and/or test_source")
         if format not in PROBLEM_FORMATS:
@@ -462,6 +489,9 @@ class ProblemDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.skip_malformed = skip_malformed
         self.shuffle = shuffle
+        self.extra_train_sources = list(extra_train_sources or [])
+        self.extra_order = extra_order
+        self.num_extra = 0
         self.train_records: list[dict[str, str]] = []
         self.test_records: list[dict[str, str]] = []
         self._loaded = False
@@ -500,7 +530,15 @@ class ProblemDataModule(LightningDataModule):
                     )
             else:
                 test = list(train)
-            self.train_records, self.test_records = train, test
+            extra = []
+            for source in self.extra_train_sources:
+                records, n_skipped = load_problems(source, format="auto", skip_malformed=self.skip_malformed)
+                for i, r in enumerate(records):  # PQ files have no ids: make them unique
+                    r["id"] = f"{Path(source).stem}:{i}:{r['id']}"
+                rank_zero_info(f"ProblemDataModule: {len(records)} extra training problems from {source}")
+                extra.extend(records)
+            self.num_extra = len(extra)
+            self.train_records, self.test_records = extra + train, test
             self._loaded = True
             rank_zero_info(
                 f"ProblemDataModule: {len(self.train_records)} train / {len(self.test_records)} test problems"
@@ -523,11 +561,15 @@ class ProblemDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._check_loaded(self.train_records, "training")
         generator = torch.Generator().manual_seed(self.split_seed) if self.shuffle else None
+        sampler = None
+        if self.num_extra and self.extra_order == "curriculum":
+            sampler = CurriculumSampler(self.num_extra, len(self.train_records), generator, self.shuffle)
         return DataLoader(
             ProblemDataset(self.train_records),
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            shuffle=self.shuffle if sampler is None else None,
+            sampler=sampler,
+            generator=generator if sampler is None else None,
             num_workers=self.num_workers,
             collate_fn=collate_problems,
         )
