@@ -14,11 +14,12 @@ import lit_selfimprove.modules  # noqa: F401
 TOOLS = {
     "failk": "lit_selfimprove.failk",
     "world": "lit_selfimprove.world",
+    "sample-questions": "lit_selfimprove.sample_questions",
 }
 
 
 def main(args: list[str] | None = None) -> LightningCLI | None:
-    """Run LightningCLI; ``lit-selfimprove failk ...`` / ``world ...`` dispatch to the tools."""
+    """Run LightningCLI; ``failk ...`` / ``world ...`` / ``sample-questions ...`` dispatch to the tools."""
     # noise from Lightning's own internals (pytree API change), not actionable by users
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     argv = list(sys.argv[1:] if args is None else args)

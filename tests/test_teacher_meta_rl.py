@@ -369,6 +369,11 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     assert len(keys) == n_params and all(k.startswith(("teacher.", "student.")) for k in keys)
     assert module.ref_teacher is not None
     assert same_state(baseline, module._frozen["student_ref"].state_dict())  # inner KL to the baseline
+    # the final teacher as a Hugging Face folder (what sample-questions reads for Grounded-T)
+    from lit_selfimprove.modeling import load_causal_lm
+
+    saved = load_causal_lm(str(Path(trainer.log_dir) / "teacher"))
+    assert same_state(clone_state(module.teacher), saved.state_dict())
 
 
 @pytest.mark.parametrize(

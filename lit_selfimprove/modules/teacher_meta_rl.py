@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.generation.sampler import _any_rank
@@ -142,6 +143,8 @@ class TeacherMetaRL(LightningModule):
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
             the log dir every N outer steps (0: never).
+        save_teacher: write the final teacher (and its tokenizer) as a Hugging Face folder to
+            ``<log dir>/teacher`` when training ends (what ``sample-questions`` reads for Grounded-T).
         diversity_embedding: ``texts -> [n, d]`` embedding for the logged Vendi score of each
             step's questions (``teacher/vendi``); default: the cheap built-in
             ``HashingNgramEmbedding`` (use ``SentenceEmbedding`` for paper-comparable values).
@@ -193,6 +196,7 @@ class TeacherMetaRL(LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         log_samples_every: int = 10,
+        save_teacher: bool = True,
         diversity_embedding: Callable | None = None,
     ):
         super().__init__()
@@ -673,6 +677,24 @@ class TeacherMetaRL(LightningModule):
         every = hp.log_samples_every
         if every and self.global_step % every == 1 % every:
             self._write_samples()
+
+    def on_train_end(self) -> None:
+        if not self.hparams.save_teacher or self.trainer is None:
+            return
+        log_dir = self.trainer.log_dir  # a collective: every rank asks
+        folder = Path(log_dir or self.trainer.default_root_dir) / "teacher"
+        if self.world()[0] > 1:  # gather the full (maybe sharded) weights on every rank
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(
+                self.teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        else:
+            state = None
+        if self.trainer.is_global_zero:
+            self.teacher.save_pretrained(folder, state_dict=state)
+            self.teacher_tokenizer.save_pretrained(folder)
+            rank_zero_info(f"TeacherMetaRL: final teacher written to {folder}")
 
     # ------------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx: int) -> None:
