@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -28,9 +28,16 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_series(
-    series: dict[str, list[tuple[int, float]]], metrics: Sequence[str], out: str | Path, title: str = ""
+    series: dict[str, list[tuple[int, float]]],
+    metrics: Sequence[str],
+    out: str | Path,
+    title: str = "",
+    events: Sequence[str] = (),
 ) -> Path | None:
-    """One panel per metric (patterns ending in ``*`` match prefixes); returns the PNG path."""
+    """One panel per metric (patterns ending in ``*`` match prefixes); returns the PNG path.
+
+    ``events``: metrics whose non-zero values mark an event (e.g. ``promotion/event``): a dashed
+    vertical line at each such step on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,12 +54,18 @@ def plot_series(
         )
     if not names:
         return None
+    marks = {e: [s for s, v in series.get(e, []) if v] for e in events}
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         steps, values = zip(*series[name])
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3)
+        for color, (event, at) in zip(("tab:red", "tab:purple", "tab:green"), marks.items()):
+            for i, step in enumerate(at):
+                ax.axvline(step, color=color, ls="--", lw=1, alpha=0.7, label=event if i == 0 else None)
+        if any(marks.values()):
+            ax.legend(fontsize=7, loc="best")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
@@ -68,12 +81,16 @@ def plot_series(
 
 
 class MetricsPlot(Callback):
-    """Write ``filename`` (a grid of metric curves) into the log dir after every validation
-    and at the end of training. Needs a logger that writes ``metrics.csv`` (CSVLogger).
+    """Write ``filename`` (a grid of metric curves) into the log dir after every validation,
+    every ``every_n_steps`` training steps and at the end of training. Needs a logger that
+    writes ``metrics.csv`` (CSVLogger).
 
     Args:
         metrics: metric names to plot; a trailing ``*`` matches a prefix (``val/pass@*``).
         filename: PNG file name inside ``trainer.log_dir``.
+        every_n_steps: also refresh after every N training steps (0: only at validation / end).
+        events: metrics whose non-zero values are marked by vertical lines on every panel
+            (SOAR: ``promotion/event``).
     """
 
     def __init__(
@@ -86,18 +103,33 @@ class MetricsPlot(Callback):
             "val/pass@*",
         ),
         filename: str = "curves.png",
+        every_n_steps: int = 0,
+        events: Sequence[str] = (),
     ):
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self.metrics, self.filename = list(metrics), filename
+        self.every_n_steps, self.events = every_n_steps, list(events)
 
-    @rank_zero_only
     def _refresh(self, trainer: Trainer) -> Path | None:
-        if trainer.logger is None or trainer.log_dir is None:
+        if trainer.logger is None:
+            return None
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if log_dir is None or not trainer.is_global_zero:
             return None
         trainer.logger.save()
-        path = Path(trainer.log_dir) / "metrics.csv"
+        path = Path(log_dir) / "metrics.csv"
         if path.exists():
-            return plot_series(read_metrics_csv(path), self.metrics, Path(trainer.log_dir) / self.filename)
+            return plot_series(
+                read_metrics_csv(path), self.metrics, Path(log_dir) / self.filename, events=self.events
+            )
         return None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._refresh(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
