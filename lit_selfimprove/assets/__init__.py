@@ -20,6 +20,8 @@ BUILTINS = {
     "tiny-hard-set": ASSETS_DIR / "tiny-hard" / "hard.jsonl",
     "tiny-hard-train": ASSETS_DIR / "tiny-hard" / "hard.train.jsonl",
     "tiny-hard-test": ASSETS_DIR / "tiny-hard" / "hard.test.jsonl",
+    "tiny-facts": ASSETS_DIR / "tiny-facts" / "corpus.jsonl",
+    "tiny-sip-policy": ASSETS_DIR / "tiny-sip-policy",
 }
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]

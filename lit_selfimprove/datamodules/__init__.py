@@ -2,6 +2,14 @@
 streams (SlimPajama, RedPajama, local files) and the tiny worlds."""
 
 from lit_selfimprove.datamodules.arithmetic import ArithmeticPretrainDataModule, ArithmeticProblemDataModule
+from lit_selfimprove.datamodules.facts_world import (
+    FactsPretrainDataModule,
+    KnowledgeBase,
+    continuation_stats,
+    generate_documents,
+    heldout_prefixes,
+    load_corpus,
+)
 from lit_selfimprove.datamodules.prefix_suffix import (
     DEFAULT_SPLITS,
     PrefixSuffixDataModule,
@@ -20,6 +28,12 @@ from lit_selfimprove.datamodules.problems import (
 
 __all__ = [
     "DEFAULT_SPLITS",
+    "FactsPretrainDataModule",
+    "KnowledgeBase",
+    "continuation_stats",
+    "generate_documents",
+    "heldout_prefixes",
+    "load_corpus",
     "PROBLEM_FORMATS",
     "PrefixSuffixDataModule",
     "PrefixSuffixDataset",

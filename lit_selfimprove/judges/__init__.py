@@ -22,6 +22,13 @@ from lit_selfimprove.judges.base import (
     Rewriter,
 )
 from lit_selfimprove.judges.combined import COMPONENTS, CombinedJudge
+from lit_selfimprove.judges.knowledge_base import (
+    KBFactualityJudge,
+    KBQualityJudge,
+    KBRewriter,
+    KBSafetyJudge,
+    kb_batch_stats,
+)
 from lit_selfimprove.judges.llm import LLMFactualityJudge, LLMPairwiseJudge, LLMRewriter, LLMSafetyJudge
 from lit_selfimprove.judges.prompts import (
     FACTUALITY_TEMPLATE,
@@ -46,6 +53,10 @@ __all__ = [
     "CombinedJudge",
     "HFChatBackend",
     "JudgeEndpointError",
+    "KBFactualityJudge",
+    "KBQualityJudge",
+    "KBRewriter",
+    "KBSafetyJudge",
     "LLMFactualityJudge",
     "LLMPairwiseJudge",
     "LLMRewriter",
@@ -55,6 +66,7 @@ __all__ = [
     "PointwiseJudge",
     "Rewriter",
     "fill_template",
+    "kb_batch_stats",
     "parse_factuality",
     "parse_pairwise",
     "parse_safety",
