@@ -23,7 +23,7 @@ from lit_selfimprove.assets import ASSETS_DIR, build_char_tokenizer
 from lit_selfimprove.datamodules.arithmetic import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT, generate_problems
 from lit_selfimprove.rewards.math_verify import extract_boxed
 
-_PAIR = re.compile(r"<question>(.*?)</question>\s*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
+_PAIR = re.compile(r"<question>(.*?)</question>[^<]*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
 
 
 def quick_correct(completion: str, answer: str) -> bool:
@@ -63,7 +63,7 @@ def teacher_stats(model, tokenizer, num: int = 200) -> dict:
     """Validity, correctness and level mix of the teacher's sampled problems."""
     from lit_selfimprove.generation import generate
 
-    ro = generate(model, tokenizer, [TINY_TEACHER_PROMPT], num_samples=num, max_new_tokens=64)
+    ro = generate(model, tokenizer, [TINY_TEACHER_PROMPT], num_samples=num, max_new_tokens=160)
     valid = correct = 0
     levels: dict[int, int] = {}
     for text in ro.texts:
@@ -97,7 +97,7 @@ def build(configs_dir: Path, out_dir: Path, steps: int | None, k: int) -> None:
         )
     candidates = out_dir / "tiny-hard" / "candidates.jsonl"
     candidates.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(candidates, generate_problems([5, 6], 128, seed=2026))
+    _write_jsonl(candidates, generate_problems([5, 6], 384, seed=2026))
     from lit_selfimprove import failk
 
     failk.main(

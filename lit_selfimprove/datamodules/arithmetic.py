@@ -3,19 +3,24 @@
 Level ``L`` is the sum of two ``L``-digit numbers. The student answers with a short
 scratchpad that adds digit by digit from the least significant end and then boxes the
 result, e.g. ``345+678`` -> ``5+8=13,4+7+1=12,3+6+1=10 \\boxed{1023}``. The bundled student
-base (``configs/tiny/pretrain_student.yaml``) is pre-trained on levels 1-4, where the
-solutions of levels 3-4 come from "imperfect data" that forgets each carry with
+base (``configs/tiny/pretrain_student.yaml``) is pre-trained on levels 1-6, where the
+solutions of levels 3-6 come from "imperfect data" that forgets each carry with
 probability 0.7. So:
 
 * levels 1-2 are solved;
 * level 3 (medium) is only partly solved (~34% greedy): the right habit is in the model's
   distribution but is not its mode, which is exactly what RL with verifiable rewards fixes;
-* levels 5-6 (hard) are never seen: the base is 0/k there (its fail@k hard set), and every
-  extra level is one more step of the same skill at positions never trained, reachable
-  through the intermediate lengths: the situation SOAR is about.
+* long sums with many carries (levels 5-6) are never solved: a problem with c carries is
+  right with probability ~0.3^c. The fail@128 hard set keeps the 5-6 digit problems the base
+  solved 0 times in 128 samples. RLVR on them gets no reward at all, but the skill they need
+  (carrying) can be learned on easier problems that the student sometimes gets right: the
+  stepping stones SOAR's teacher has to find.
 
-The teacher writes problems as ``<question>345+678</question><answer>\\boxed{1023}</answer>``
-with no scratchpad, so its answers to long problems are often wrong, as in the paper.
+The teacher (``configs/tiny/pretrain_teacher.yaml``) writes problems of levels 1-6 as
+``<question>345+678</question>5+8=13,4+7+1=12,3+6+1=10 <answer>\\boxed{1023}</answer>``: it works
+the answer out between the tags (SOAR's teacher reasons outside the tags) with a scratchpad that
+forgets carries 30% of the time on levels 3-6, so its answers to long problems are often wrong,
+as in the paper (about 60% of its answers are right).
 """
 
 from __future__ import annotations
@@ -62,8 +67,17 @@ def student_solution(question: str, carry_drop: float = 0.0, rng: random.Random 
     return ",".join(steps) + f" \\boxed{{{int(result)}}}"
 
 
-def teacher_text(question: str, answer: str) -> str:
-    return f"<question>{question}</question><answer>\\boxed{{{answer}}}</answer>"
+def teacher_text(question: str, answer: str, work: str = "") -> str:
+    """A teacher completion; ``work`` (a scratchpad) goes between the question and the answer,
+    outside the tags, as SOAR's prompt asks of the teacher's reasoning."""
+    return f"<question>{question}</question>{work}<answer>\\boxed{{{answer}}}</answer>"
+
+
+def teacher_example(question: str, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
+    """A teacher completion that works the answer out with the (possibly sloppy) scratchpad."""
+    solution = student_solution(question, carry_drop, rng)
+    work, boxed = solution.rsplit(" \\boxed{", 1)
+    return teacher_text(question, boxed[:-1], work + " ")
 
 
 def sample_levels(weights: Sequence[float], n: int, rng: random.Random) -> list[int]:
@@ -107,19 +121,23 @@ class _PretrainStream(IterableDataset):
         max_length: int,
         sloppy_levels: Sequence[int] = (),
         carry_drop: float = 0.0,
+        teacher_scratchpad: bool = False,
     ):
         self.role, self.level_weights, self.tokenizer = role, list(level_weights), tokenizer
         self.seed, self.max_length = seed, max_length
         self.sloppy_levels, self.carry_drop = set(sloppy_levels), carry_drop
+        self.teacher_scratchpad = teacher_scratchpad
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         level = sample_levels(self.level_weights, 1, rng)[0]
         p = make_problem(level, rng)
+        drop = self.carry_drop if level in self.sloppy_levels else 0.0
         if self.role == "student":
-            drop = self.carry_drop if level in self.sloppy_levels else 0.0
             return TINY_STUDENT_PROMPT.format(question=p["question"]), student_solution(
                 p["question"], drop, rng
             )
+        if self.teacher_scratchpad:
+            return TINY_TEACHER_PROMPT, teacher_example(p["question"], drop, rng)
         return TINY_TEACHER_PROMPT, teacher_text(p["question"], p["answer"])
 
     def __iter__(self) -> Iterator[dict]:
@@ -161,8 +179,11 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         seed: stream seed (the validation stream uses ``seed + 1``).
         max_length: truncation length in tokens.
         val_batches: number of validation batches.
-        sloppy_levels: levels whose student solutions are sloppy (imperfect data).
+        sloppy_levels: levels whose solutions are sloppy (imperfect data).
         carry_drop: probability that a sloppy solution forgets each carry.
+        teacher_scratchpad: the teacher works its answer out with the scratchpad between
+            ``</question>`` and ``<answer>`` (sloppy on ``sloppy_levels`` too) instead of
+            writing the true sum directly.
     """
 
     def __init__(
@@ -176,6 +197,7 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         val_batches: int = 4,
         sloppy_levels: list[int] = (),
         carry_drop: float = 0.0,
+        teacher_scratchpad: bool = False,
     ):
         super().__init__()
         if not 0.0 <= carry_drop <= 1.0:
@@ -188,6 +210,7 @@ class ArithmeticPretrainDataModule(LightningDataModule):
         self.tokenizer_name, self.batch_size, self.seed = tokenizer, batch_size, seed
         self.max_length, self.val_batches = max_length, val_batches
         self.sloppy_levels, self.carry_drop = list(sloppy_levels), carry_drop
+        self.teacher_scratchpad = teacher_scratchpad
         self.tokenizer = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -204,6 +227,7 @@ class ArithmeticPretrainDataModule(LightningDataModule):
             self.max_length,
             self.sloppy_levels,
             self.carry_drop,
+            self.teacher_scratchpad,
         )
         pad = self.tokenizer.pad_token_id
         return DataLoader(ds, batch_size=self.batch_size, collate_fn=lambda b: pad_collate(b, pad))
