@@ -383,6 +383,7 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
         ({"num_datasets": 1}, "num_datasets"),
         ({"answer_check": "strict"}, "answer_check"),
         ({"prompt_template": "no field"}, "question"),
+        ({"median": "middle"}, "median"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):

@@ -173,6 +173,18 @@ class Promotion(Callback):
             f"moving avg {avg:.4f} > tau {self.tau}) is the new baseline; {len(pairs)} PQ pairs"
         )
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        out = self.output_dir(trainer)  # a collective: every rank asks
+        if self.promotions:
+            rank_zero_info(
+                f"SOAR: {self.count} promotions; promotion questions (PQ): {out / self.pq_filename} "
+                f"({self.pq_lines} pairs); promoted students: {out / 'students'}"
+            )
+        else:
+            rank_zero_info(
+                f"SOAR: no promotion (moving average of the teacher reward never above tau={self.tau})"
+            )
+
     def _drop_unrecorded(self, out: Path) -> None:
         """After a resume: cut the PQ file to the recorded lines, remove unrecorded student folders."""
         path = out / self.pq_filename

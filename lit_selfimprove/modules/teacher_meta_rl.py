@@ -139,6 +139,8 @@ class TeacherMetaRL(LightningModule):
         keep_median_students: keep each dataset's median-reward trained student (CPU state dict)
             in ``last_outer`` (needed by promotion; costs r CPU copies of the student per dataset
             while the dataset's repeats run, g at the end of the step).
+        median: which repeat is "the median-reward student" when r is even: ``lower`` or ``upper``
+            (with r = 2: the worse or the better of the two).
         dtype: parameter dtype of both models.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
@@ -193,6 +195,7 @@ class TeacherMetaRL(LightningModule):
         max_grad_norm: float | None = 1.0,
         teacher_micro_batch_size: int | None = None,
         keep_median_students: bool = True,
+        median: str = "lower",
         dtype: str = "float32",
         attn_implementation: str | None = None,
         log_samples_every: int = 10,
@@ -220,6 +223,8 @@ class TeacherMetaRL(LightningModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if teacher_batch is not None and teacher_batch < 1:
             raise ValueError(f"teacher_batch must be >= 1 or None, got {teacher_batch}")
+        if median not in ("lower", "upper"):
+            raise ValueError(f"median must be 'lower' or 'upper', got {median!r}")
         if kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
@@ -506,8 +511,9 @@ class TeacherMetaRL(LightningModule):
         per_repeat = self.all_reduce_sum(deltas).view(g, r).tolist()
         inner = [s for part in self.gather_objects(inner) for s in part]
         medians, owners = [], []
-        for k, ds in enumerate(per_repeat):  # the median-reward repeat (the lower median when r is even)
-            j = k * r + sorted(range(r), key=ds.__getitem__)[(r - 1) // 2]
+        pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
+        for k, ds in enumerate(per_repeat):  # the median-reward repeat of dataset k
+            j = k * r + sorted(range(r), key=ds.__getitem__)[pick]
             medians.append(states.get(j))
             owners.append(j % world)
         inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
