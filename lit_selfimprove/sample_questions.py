@@ -59,13 +59,13 @@ def sample_questions(
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     check = (lambda a: math_verify_parseable(a, timeout=2)) if answer_check == "math_verify" else None
     rows: list[dict] = []
-    sampled = rounds = 0
+    sampled = valid = rounds = 0
     with tqdm(total=num, desc="valid pairs", unit="pair") as bar:
         while len(rows) < num:
             if rounds == max_rounds:
                 raise RuntimeError(
-                    f"only {len(rows)} valid pairs in {sampled} samples ({rounds} rounds): validity "
-                    f"{len(rows) / max(1, sampled):.1%}; raise --max-rounds or check --prompt"
+                    f"only {valid} valid pairs in {sampled} samples ({rounds} rounds): validity "
+                    f"{valid / max(1, sampled):.1%}; raise --max-rounds or check --prompt"
                 )
             ro = generate(
                 model,
@@ -80,6 +80,7 @@ def sample_questions(
             rounds += 1
             sampled += len(ro)
             for pair in parse_pairs(ro.texts, check):
+                valid += pair is not None
                 if pair is not None and len(rows) < num:
                     rows.append({"id": f"teacher-{len(rows)}", "question": pair[0], "answer": pair[1]})
                     bar.update(1)
@@ -87,7 +88,7 @@ def sample_questions(
     summary = {
         "num": len(rows),
         "sampled": sampled,
-        "validity": len(rows) / sampled,
+        "validity": valid / sampled,  # over every sample drawn, kept or not
         "distinct_questions": len(set(questions)),
         "vendi_ngram": float(vendi_score(HashingNgramEmbedding()(questions))),
     }
