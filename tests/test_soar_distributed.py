@@ -99,7 +99,7 @@ def test_inner_trainings_are_spread_and_ranks_agree(runs, mode):
 def test_spreading_the_inner_trainings_cuts_the_outer_step_time(runs):
     single = runs("single")[0]
     ddp = runs("ddp")
-    # the second outer step (the first also warms up); each rank runs half of the trainings
-    t1 = single["step_times"][-1]
-    t2 = max(r["step_times"][-1] for r in ddp)
-    assert t2 < 0.8 * t1, f"2 ranks: {t2:.2f} s per outer step, 1 process: {t1:.2f} s"
+    # both outer steps; each rank runs half of the trainings (the rest of a step is not spread)
+    t1 = sum(single["step_times"])
+    t2 = max(sum(r["step_times"]) for r in ddp)
+    assert t2 < 0.85 * t1, f"2 ranks: {t2:.2f} s for 2 outer steps, 1 process: {t1:.2f} s"
