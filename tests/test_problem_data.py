@@ -462,10 +462,13 @@ def test_extra_train_sources_join_the_training_set(tmp_path, order):
         batch_size=6,
     )
     dm.setup("fit")
-    assert dm.num_extra == 6 and len(dm.train_records) == 64 + 6
-    assert len({r["id"] for r in dm.train_records}) == 70  # ids made unique
+    total = len(dm.train_records)
+    assert dm.num_extra == 6 and total == len(load_problems("builtin:tiny-hard-train")[0]) + 6
+    assert len({r["id"] for r in dm.train_records}) == total  # ids made unique
     seen = [q for _ in range(2) for b in dm.train_dataloader() for q in b["question"]]
-    assert len(seen) == 2 * 70 and sum(q.endswith("+1") for q in seen) == 12  # every problem once per epoch
+    assert (
+        len(seen) == 2 * total and sum(q.endswith("+1") for q in seen) == 12
+    )  # every problem once per epoch
     first_batch = next(iter(dm.train_dataloader()))["question"]
     if order == "curriculum":
         assert all(q.endswith("+1") for q in first_batch)

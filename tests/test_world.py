@@ -110,3 +110,25 @@ def test_sloppy_solutions_forget_carries_consistently():
         wrong += not quick_correct(sol, p["answer"])
     assert 40 < wrong < 160  # many, not all, sloppy solutions are wrong
     assert student_solution("999+1", carry_drop=1.0, rng=rng).endswith("\\boxed{990}")
+
+
+@pytest.mark.slow
+def test_the_main_job_soar_yaml_runs_end_to_end(tmp_path):
+    """The README's first command: SOAR on the tiny world writes PQ, promoted students, the plot."""
+    cmd = [
+        sys.executable, "-m", "lit_selfimprove", "fit", "--config", "configs/tiny/soar.yaml",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "soar" / "version_0"
+    printed = done.stdout + done.stderr
+    assert str(run) in printed  # it says where its outputs are
+    for name in ("metrics.csv", "soar.png", "config.yaml", "teacher/config.json"):
+        assert (run / name).exists(), name
+    pq = [json.loads(line) for line in open(run / "promotion_questions.jsonl")]
+    students = sorted((run / "students").iterdir())
+    assert pq and students, "SOAR promoted no student on the tiny world"
+    assert len(pq) == 12 * len(students)  # one dataset of n = 12 pairs per promotion
+    assert all((s / "model.safetensors").exists() for s in students)
+    assert "promotion_questions.jsonl" in printed

@@ -232,8 +232,10 @@ def resolve_source_files(sources: str | Sequence[str]) -> list[Path]:
             seen.add(key)
             files.append(path)
 
+    from lit_selfimprove.assets import resolve
+
     for source in sources:
-        source = str(source)
+        source = resolve(str(source))  # builtin:tiny-facts -> the bundled corpus
         if _GLOB_CHARS.search(source):
             found: list[Path] = []
             for match in sorted(glob.glob(source, recursive=True)):

@@ -2,8 +2,16 @@
 
 It is the baseline for Self-Improving Pretraining and the recipe that builds the bundled
 tiny bases (``configs/tiny/pretrain_student.yaml``). The model is either loaded from a hub
-id / folder or created from scratch from a ``LlamaConfig``-style dict. Batches hold
-``input_ids``, ``attention_mask`` and ``labels`` (``-100`` = no loss).
+id / folder or created from scratch from a ``LlamaConfig``-style dict.
+
+Two kinds of batch:
+
+* ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` = no loss): plain pre-training;
+* a prefix-suffix batch (``PrefixSuffixDataModule``: ``prefix_ids`` / ``prefix_mask``
+  LEFT-padded, ``suffix_ids`` / ``suffix_mask`` RIGHT-padded): the input is prefix + suffix
+  and the loss is the mean NLL of the suffix tokens only (the first one predicted from the
+  prefix's last token). That is the next-token baseline of Self-Improving Pretraining on
+  exactly the stream SIP trains on (``configs/tiny/sip_next_token.yaml``).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+from lit_selfimprove.rl.logprobs import sequence_logprobs
 
 
 def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
@@ -91,18 +100,34 @@ class NextTokenLM(LightningModule):
             )
 
     def _loss(self, batch: dict) -> torch.Tensor:
+        if "prefix_ids" in batch:
+            return self._suffix_loss(batch)
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
         return out.loss
 
+    def _suffix_loss(self, batch: dict) -> torch.Tensor:
+        """Mean NLL of the suffix tokens of prefix + suffix (prefix and padding carry no loss)."""
+        prefix_mask = batch["prefix_mask"].long()
+        suffix_mask = batch["suffix_mask"].long()
+        ids = torch.cat([batch["prefix_ids"], batch["suffix_ids"]], dim=1)
+        attn = torch.cat([prefix_mask, suffix_mask], dim=1)
+        target = torch.cat([torch.zeros_like(prefix_mask), suffix_mask], dim=1)
+        logps = sequence_logprobs(self.model, ids, attn, target)  # [B, T-1], 0 off the suffix
+        return -logps.sum() / target[:, 1:].sum().clamp(min=1)
+
+    @staticmethod
+    def _rows(batch: dict) -> int:
+        return len(batch["prefix_ids" if "prefix_ids" in batch else "input_ids"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._rows(batch))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=self._rows(batch))
 
     def configure_optimizers(self):
         hp = self.hparams
