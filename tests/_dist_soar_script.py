@@ -27,7 +27,7 @@ from lit_selfimprove.datamodules.arithmetic import (
 from lit_selfimprove.generation import Rollouts
 from lit_selfimprove.modules.teacher_meta_rl import TeacherMetaRL
 
-STEPS, G, N, R = 2, 2, 4, 2
+STEPS, G, N, R = 2, 2, 4, 4
 # dataset 0 teaches the digit 1, dataset 1 the digit 7: they help on different Q_R problems
 TEXTS = [
     teacher_text(f"{a}+{b}", str(a + b))
@@ -103,7 +103,7 @@ def main() -> None:
         num_datasets=G,
         dataset_size=N,
         num_repeats=R,
-        inner_steps=12,
+        inner_steps=16,
         inner_batch=2,
         inner_group_size=8,
         inner_max_new_tokens=16,

@@ -11,11 +11,6 @@ Also here, in-process: checkpoints hold the policy only, never the frozen KL ref
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -25,59 +20,13 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import StudentRLVR
+from tests._launch import max_diff, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("_dist_script.py")
 TIMEOUT_S = 240  # a run takes ~10 s alone, ~30 s on loaded cores; a hang fails instead of blocking CI
 STEPS, BATCH, GROUP = 3, 2, 4  # as in _dist_script.py
 PROMPT = "Q: {question}\nA: "
-_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_ranks(strategy: str, model_dir: str, out: Path) -> list[dict]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "LT_"))
-    }
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
-    # own session: Lightning's launcher (rank 0) starts rank 1, and a hang must not leave it behind
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), strategy, model_dir, str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{strategy}: 2-rank run hung for {TIMEOUT_S} s\n{log[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # leftover ranks of a failed run
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, f"{strategy}: exit code {proc.returncode}\n{log[-4000:]}"
-    missing = [r for r in (0, 1) if not (out / f"rank{r}.pt").exists()]
-    assert not missing, f"{strategy}: ranks {missing} wrote no result\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +36,11 @@ def two_rank_runs(tiny_random_lm, tmp_path_factory):
 
     def get(strategy: str) -> list[dict]:
         if strategy not in runs:
-            runs[strategy] = _run_two_ranks(strategy, tiny_random_lm, tmp_path_factory.mktemp(strategy))
+            out = tmp_path_factory.mktemp(strategy)
+            runs[strategy] = run_ranks(SCRIPT, [strategy, tiny_random_lm], out, TIMEOUT_S)
         return runs[strategy]
 
     return get
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -116,12 +61,12 @@ def test_two_ranks_split_the_data_and_stay_in_sync(two_rank_runs, tiny_random_lm
     assert set(r0["questions"]).isdisjoint(r1["questions"])
     assert r0["completions"] != r1["completions"]  # per-rank sampling RNG (not the shared global one)
     # (a) identical weights on both ranks (gradients all-reduced / reduce-scattered)
-    assert _max_diff(r0["weights"], r1["weights"]) <= 1e-6
+    assert max_diff(r0["weights"], r1["weights"]) <= 1e-6
     # (b) training happened; the frozen reference did not move
-    assert _max_diff(r0["weights"], initial) > 1e-3
+    assert max_diff(r0["weights"], initial) > 1e-3
     for res in (r0, r1):
         assert not res["ref_requires_grad"]
-        assert _max_diff(res["ref_weights"], initial) == 0.0
+        assert max_diff(res["ref_weights"], initial) == 0.0
     # generation keeps ranks stepping together: rank 0 stops after 1 token, rank 1 samples 6, both
     # run the same number of forward passes (an unsynchronised FSDP2 rank would hang the other)
     g0, g1 = r0["uneven_generation"], r1["uneven_generation"]
@@ -137,7 +82,7 @@ def test_fsdp2_trains_like_ddp(two_rank_runs):
     for a, b in zip(ddp, fsdp):
         assert a["questions"] == b["questions"]
         assert a["completions"][:first] == b["completions"][:first]
-        assert _max_diff(a["weights"], b["weights"]) < 1e-4  # different reduction order only
+        assert max_diff(a["weights"], b["weights"]) < 1e-4  # different reduction order only
 
 
 @pytest.mark.parametrize("kl_coef", [0.001, 0.0])

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +29,7 @@ from tests._dist_sip_script import (
     toy_documents,
     vowel_share,
 )
+from tests._launch import max_diff, run_ranks
 
 nan = float("nan")
 
@@ -422,52 +418,6 @@ def test_bad_arguments_are_errors(tiny_random_lm):
 SCRIPT = Path(__file__).with_name("_dist_sip_script.py")
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # as tests/test_distributed.py: a hang fails instead of blocking CI
-_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_ranks(strategy: str, model_dir: str, out: Path) -> list[dict]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "LT_"))
-    }
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), strategy, model_dir, str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # Lightning's launcher starts rank 1: a hang must not leave it behind
-    )
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{strategy}: 2-rank run hung for {TIMEOUT_S} s\n{log[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # leftover ranks of a failed run
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == 0, f"{strategy}: exit code {proc.returncode}\n{log[-4000:]}"
-    missing = [r for r in (0, 1) if not (out / f"rank{r}.pt").exists()]
-    assert not missing, f"{strategy}: ranks {missing} wrote no result\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -477,15 +427,11 @@ def two_rank_runs(tiny_random_lm, tmp_path_factory):
 
     def get(strategy: str) -> list[dict]:
         if strategy not in runs:
-            runs[strategy] = _run_two_ranks(strategy, tiny_random_lm, tmp_path_factory.mktemp(strategy))
+            out = tmp_path_factory.mktemp(strategy)
+            runs[strategy] = run_ranks(SCRIPT, [strategy, tiny_random_lm], out, TIMEOUT_S)
         return runs[strategy]
 
     return get
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -502,7 +448,7 @@ def test_two_ranks_split_prefixes_and_stay_in_sync(two_rank_runs, tiny_random_lm
         assert res["policy_dtensor"] == res["ref_dtensor"] == (strategy == "fsdp2")
         assert res["optimizer_over_policy"] and not res["ref_requires_grad"]
         assert all(k.startswith("policy.") for k in res["state_dict_keys"])
-        assert _max_diff(res["ref_weights"], initial) == 0.0
+        assert max_diff(res["ref_weights"], initial) == 0.0
     # the data is split across ranks, and each rank samples its own rollouts
     assert set(r0["prefixes"]).isdisjoint(r1["prefixes"])
     assert [c[:ROLLOUTS] for c in r0["candidates"]] != [c[:ROLLOUTS] for c in r1["candidates"]]
@@ -514,8 +460,8 @@ def test_two_ranks_split_prefixes_and_stay_in_sync(two_rank_runs, tiny_random_lm
     assert r0["forwards"] == r1["forwards"]
     assert r0["forwards"]["policy_grad"] == r0["forwards"]["ref"] == 6
     # gradients were synchronised
-    assert _max_diff(r0["weights"], r1["weights"]) <= 1e-6
-    assert _max_diff(r0["weights"], initial) > 1e-3
+    assert max_diff(r0["weights"], r1["weights"]) <= 1e-6
+    assert max_diff(r0["weights"], initial) > 1e-3
 
 
 def test_fsdp2_trains_like_ddp(two_rank_runs):
@@ -524,4 +470,4 @@ def test_fsdp2_trains_like_ddp(two_rank_runs):
         assert a["prefixes"] == b["prefixes"]
         assert a["candidates"][:BATCH] == b["candidates"][:BATCH]  # step 0: identical weights
         assert a["selections"] == b["selections"]
-        assert _max_diff(a["weights"], b["weights"]) < 1e-4  # different reduction order only
+        assert max_diff(a["weights"], b["weights"]) < 1e-4  # different reduction order only

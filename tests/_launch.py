@@ -1,0 +1,73 @@
+"""Run a test script as a 2-process (or 1-process) gloo job in a subprocess, with a hang guard.
+
+The pytest process never initialises torch.distributed itself: the script calls Lightning's
+Trainer with ``devices=2`` and Lightning's launcher re-runs it for rank 1. Each rank saves
+``OUT/rank{r}.pt``; this returns them in rank order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: Path, args: list[str], out: Path, timeout_s: float, ranks: int = 2) -> list[dict]:
+    """Run ``script *args out`` with one thread per process; fail (never hang) on errors or timeouts."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_", "LT_"))
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    what = " ".join([script.name, *args])
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Lightning's launcher starts rank 1: a hang must not leave it behind
+    )
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{what}: run hung for {timeout_s} s\n{log[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # leftover ranks of a failed run
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}\n{log[-4000:]}"
+    missing = [r for r in range(ranks) if not (out / f"rank{r}.pt").exists()]
+    assert not missing, f"{what}: ranks {missing} wrote no result\n{log[-4000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
