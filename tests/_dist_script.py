@@ -19,6 +19,7 @@ from lit_selfimprove.datamodules.arithmetic import ArithmeticProblemDataModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.generation.sampler import _cache_kwarg
 from lit_selfimprove.modules.student_rlvr import StudentRLVR
+from tests._launch import full_weights, is_dtensor
 
 
 class DigitFractionReward:
@@ -63,20 +64,6 @@ def uneven_generation(module: StudentRLVR, rank: int) -> dict:
     rollouts = generate(module.policy, tok, ["Q: 1+1\nA: "], num_samples=2, max_new_tokens=6)
     hook.remove()
     return {"forwards": len(calls), "lengths": rollouts.lengths.tolist()}
-
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def full_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every rank gets the full (unsharded) weights; collective under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
 def main() -> None:
@@ -134,8 +121,8 @@ def main() -> None:
         "completions": reward.seen,
         "weights": full_weights(policy),
         "ref_weights": full_weights(ref) if ref is not None else None,
-        "policy_dtensor": all(_is_dtensor(p) for p in policy.parameters()),
-        "ref_dtensor": ref is not None and all(_is_dtensor(p) for p in ref.parameters()),
+        "policy_dtensor": all(is_dtensor(p) for p in policy.parameters()),
+        "ref_dtensor": ref is not None and all(is_dtensor(p) for p in ref.parameters()),
         "ref_requires_grad": ref is not None and any(p.requires_grad for p in ref.parameters()),
         "optimizer_over_policy": len(opt_params) == len(policy_params)
         and all(a is b for a, b in zip(opt_params, policy_params)),

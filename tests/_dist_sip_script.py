@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from lit_selfimprove.judges.base import CandidateScores
 from lit_selfimprove.modeling import load_tokenizer
+from tests._launch import full_weights, is_dtensor
 
 STEPS, BATCH, ROLLOUTS = 4, 2, 3  # per rank; read by the test
 
@@ -197,20 +198,6 @@ class RecordSelection(Callback):
         self.selections.append(dict(pl_module.last_selection))
 
 
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every rank gets the full (unsharded) weights; collective under FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
-
-
 def main() -> None:
     from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO
 
@@ -269,8 +256,8 @@ def main() -> None:
         "forwards": recorder.forwards,
         "weights": full_weights(policy),
         "ref_weights": full_weights(ref),
-        "policy_dtensor": all(_is_dtensor(p) for p in policy.parameters()),
-        "ref_dtensor": all(_is_dtensor(p) for p in ref.parameters()),
+        "policy_dtensor": all(is_dtensor(p) for p in policy.parameters()),
+        "ref_dtensor": all(is_dtensor(p) for p in ref.parameters()),
         "ref_requires_grad": any(p.requires_grad for p in ref.parameters()),
         "optimizer_over_policy": len(opt_params) == len(policy_params)
         and all(a is b for a, b in zip(opt_params, policy_params)),

@@ -24,8 +24,9 @@ from lit_selfimprove.datamodules.arithmetic import (
     ArithmeticProblemDataModule,
     teacher_text,
 )
-from lit_selfimprove.generation import Rollouts
 from lit_selfimprove.modules.teacher_meta_rl import TeacherMetaRL
+from tests._launch import full_weights
+from tests.test_teacher_meta_rl import rollouts_from_texts
 
 STEPS, G, N, R = 2, 2, 4, 4
 # dataset 0 teaches the digit 1, dataset 1 the digit 7: they help on different Q_R problems
@@ -45,19 +46,6 @@ class AnswerDigitReward:
         )
 
 
-def rollouts_from_texts(tok, prompt: str, texts: list[str]) -> Rollouts:
-    enc = tok([prompt] * len(texts), return_tensors="pt", padding=True, padding_side="left")
-    comp = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    width = max(map(len, comp))
-    ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, c in enumerate(comp):
-        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
-    return Rollouts(
-        enc["input_ids"], enc["attention_mask"], ids, mask, list(texts), torch.ones(len(texts), dtype=bool)
-    )
-
-
 class StepTimer(Callback):
     def __init__(self):
         self.times: list[float] = []
@@ -69,16 +57,6 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
         self.rewards.append(list(pl_module.last_outer["rewards"]))
-
-
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if torch.distributed.is_initialized():
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    else:
-        sd = model.state_dict()
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
 def main() -> None:

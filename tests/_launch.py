@@ -71,3 +71,21 @@ def run_ranks(script: Path, args: list[str], out: Path, timeout_s: float, ranks:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ---------------------------------------------------------------- used inside the rank scripts
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights on every rank, as float CPU copies; collective under FSDP2."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        sd = model.state_dict()
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}

@@ -33,7 +33,7 @@ from torch import Tensor
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
-from lit_selfimprove.modules._shared import on_device
+from lit_selfimprove.modules._shared import data_parallel_rank, on_device
 from lit_selfimprove.modules.next_token import cosine_schedule
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import dpo_loss, nll_loss
@@ -282,11 +282,8 @@ class SuffixPolicyDPO(LightningModule):
         ranks sample alike. Tensor-parallel peers (same data) share the data-parallel rank.
         """
         base = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
-        rank, mesh = self.global_rank, getattr(self, "device_mesh", None)
-        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-            rank = mesh["data_parallel"].get_local_rank()
         gen = torch.Generator(device=device)
-        gen.manual_seed(_stable_seed(base, rank, stream, step))
+        gen.manual_seed(_stable_seed(base, data_parallel_rank(self), stream, step))
         return gen
 
     # -------------------------------------------------------------------------- training
