@@ -68,6 +68,20 @@ def run_ranks(script: Path, args: list[str], out: Path, timeout_s: float, ranks:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
+def cached_runs(script: Path, model_dir: str, tmp_path_factory, timeout_s: float):
+    """``mode -> [rank results]``, each mode (``single`` = one process, else two ranks) run once."""
+    cache: dict[str, list[dict]] = {}
+
+    def get(mode: str) -> list[dict]:
+        if mode not in cache:
+            out = tmp_path_factory.mktemp(mode)
+            ranks = 1 if mode == "single" else 2
+            cache[mode] = run_ranks(script, [mode, model_dir], out, timeout_s, ranks=ranks)
+        return cache[mode]
+
+    return get
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b)
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

@@ -20,7 +20,7 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import StudentRLVR
-from tests._launch import max_diff, run_ranks
+from tests._launch import cached_runs, max_diff
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("_dist_script.py")
@@ -32,15 +32,7 @@ PROMPT = "Q: {question}\nA: "
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_random_lm, tmp_path_factory):
     """``strategy -> [rank0, rank1]`` results, each strategy run once per module."""
-    runs: dict[str, list[dict]] = {}
-
-    def get(strategy: str) -> list[dict]:
-        if strategy not in runs:
-            out = tmp_path_factory.mktemp(strategy)
-            runs[strategy] = run_ranks(SCRIPT, [strategy, tiny_random_lm], out, TIMEOUT_S)
-        return runs[strategy]
-
-    return get
+    return cached_runs(SCRIPT, tiny_random_lm, tmp_path_factory, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

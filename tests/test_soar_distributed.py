@@ -19,26 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from tests._launch import max_diff, run_ranks
+from tests._launch import cached_runs, max_diff
 
 SCRIPT = Path(__file__).with_name("_dist_soar_script.py")
 TIMEOUT_S = 300
 
 
-def _run(mode: str, model_dir: str, out: Path) -> list[dict]:
-    return run_ranks(SCRIPT, [mode, model_dir], out, TIMEOUT_S, ranks=1 if mode == "single" else 2)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_random_lm, tmp_path_factory):
-    cache: dict[str, list[dict]] = {}
-
-    def get(mode: str) -> list[dict]:
-        if mode not in cache:
-            cache[mode] = _run(mode, tiny_random_lm, tmp_path_factory.mktemp(mode))
-        return cache[mode]
-
-    return get
+    """``mode -> results``: ``single`` (one process), ``ddp``, ``fsdp2``; each run once per module."""
+    return cached_runs(SCRIPT, tiny_random_lm, tmp_path_factory, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

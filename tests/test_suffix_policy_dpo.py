@@ -29,7 +29,7 @@ from tests._dist_sip_script import (
     toy_documents,
     vowel_share,
 )
-from tests._launch import max_diff, run_ranks
+from tests._launch import cached_runs, max_diff
 
 nan = float("nan")
 
@@ -423,15 +423,7 @@ TIMEOUT_S = 240  # as tests/test_distributed.py: a hang fails instead of blockin
 @pytest.fixture(scope="module")
 def two_rank_runs(tiny_random_lm, tmp_path_factory):
     """``strategy -> [rank0, rank1]`` results, each strategy run once per module."""
-    runs: dict[str, list[dict]] = {}
-
-    def get(strategy: str) -> list[dict]:
-        if strategy not in runs:
-            out = tmp_path_factory.mktemp(strategy)
-            runs[strategy] = run_ranks(SCRIPT, [strategy, tiny_random_lm], out, TIMEOUT_S)
-        return runs[strategy]
-
-    return get
+    return cached_runs(SCRIPT, tiny_random_lm, tmp_path_factory, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
