@@ -36,6 +36,10 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     """Load a tokenizer with left padding (generation) and a pad token (falls back to EOS)."""
     from transformers import AutoTokenizer
 
+    from lit_selfimprove.assets import resolve_model
+
+    name_or_path = resolve_model(name_or_path)  # a missing local path: FileNotFoundError, not a hub error
+
     tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
     tok.padding_side = padding_side
     if tok.pad_token is None:
@@ -68,6 +72,10 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    from lit_selfimprove.assets import resolve_model
+
+    name_or_path = resolve_model(name_or_path)  # a missing local path: FileNotFoundError, not a hub error
+
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
@@ -93,25 +101,119 @@ def load_causal_lm(
     return model
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen eval-mode deep copy (KL reference): never in an optimizer, no grads."""
+def frozen_copy(model: torch.nn.Module, dtype: str | torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen eval-mode deep copy (KL reference): never in an optimizer, no grads.
+
+    ``dtype`` (e.g. ``bfloat16``) casts the copy's floating-point weights: a frozen model takes no
+    optimizer step, so it may live in half precision.
+    """
     import copy
 
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
+    torch_dtype = parse_dtype(dtype)
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype != torch.float32:
+        ref.to(torch_dtype)
     return ref
 
 
-def shard_model(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` every decoder layer, then the root (ModelParallelStrategy)."""
-    from torch.distributed.fsdp import fully_shard
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def is_half(dtype: str | torch.dtype | None) -> bool:
+    """Whether ``dtype`` names bfloat16 or float16."""
+    return parse_dtype(dtype) in HALF_DTYPES
+
+
+def load_trained_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "float32",
+    attn_implementation: str | None = None,
+    quantization: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
+    reference: bool = False,
+    device_mesh=None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """A model that an optimizer will train, with its optional frozen reference: ``(model, ref)``.
+
+    The trained model always holds float32 master weights, whatever ``dtype`` says: an AdamW step
+    of ~1e-5 is below half the bfloat16 spacing for weights larger than ~0.0025, so on bfloat16
+    weights most updates round away. ``dtype`` is the *compute* dtype: under FSDP2
+    (``device_mesh``) the shards stay float32 and ``fully_shard`` computes in ``dtype`` with
+    float32 gradient reduction (``MixedPrecisionPolicy``); elsewhere use the Trainer's
+    ``precision: bf16-mixed`` (autocast). The frozen reference (``reference=True``: KL / DPO) is
+    stored in ``dtype``.
+    """
+    model = load_causal_lm(
+        name_or_path,
+        dtype="float32",
+        attn_implementation=attn_implementation,
+        quantization=quantization,
+        lora=lora,
+    )
+    model.train()  # from_pretrained returns eval mode
+    ref = frozen_copy(model, dtype) if reference else None
+    if device_mesh is not None:  # ModelParallelStrategy: FSDP2
+        compute = parse_dtype(dtype) if is_half(dtype) else None
+        shard_model(model, device_mesh, param_dtype=compute)
+        if ref is not None:
+            shard_model(ref, device_mesh)
+    return model, ref
+
+
+def half_trainable_parameters(*models: torch.nn.Module | None) -> int:
+    """Number of trainable parameters stored in bfloat16 / float16 (0 is the only safe answer)."""
+    return sum(
+        p.numel()
+        for m in models
+        if m is not None
+        for p in m.parameters()
+        if p.requires_grad and p.dtype in HALF_DTYPES
+    )
+
+
+HALF_TRAINING_WARNING = (
+    "{what}: {count:,} trainable parameters are stored in {dtype}: optimizer steps on half-precision "
+    "weights lose the updates smaller than half the weights' spacing (at lr 1e-5 most AdamW updates "
+    "of bfloat16 weights round to nothing, and norm weights near 1.0 never move). Keep float32 "
+    "master weights: use `precision: bf16-mixed` (or `32-true` with FSDP2, whose MixedPrecisionPolicy "
+    "computes in the module's dtype) instead of `bf16-true` / `16-true`."
+)
+
+
+def warn_if_half_trainable(what: str, *models: torch.nn.Module | None) -> bool:
+    """Warn (once per call) when a trained model holds half-precision weights; returns whether it did."""
+    count = half_trainable_parameters(*models)
+    if not count:
+        return False
+    import warnings
+
+    dtype = next(p.dtype for m in models if m is not None for p in m.parameters() if p.dtype in HALF_DTYPES)
+    warnings.warn(
+        HALF_TRAINING_WARNING.format(what=what, count=count, dtype=dtype), UserWarning, stacklevel=2
+    )
+    return True
+
+
+def shard_model(
+    model: torch.nn.Module, device_mesh, param_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every decoder layer, then the root (ModelParallelStrategy).
+
+    ``param_dtype`` (e.g. ``torch.bfloat16``): compute in that dtype over float32 shards, with
+    float32 gradient reduction (``MixedPrecisionPolicy``); ``None`` computes in the shards' dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = (
         device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     )
+    kwargs = {}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = getattr(getattr(model, "model", model), "layers", None)
     for layer in layers or []:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     return model

@@ -24,7 +24,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 
 
@@ -52,7 +52,8 @@ class NextTokenLM(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps.
         min_lr_ratio: cosine floor as a fraction of ``lr``.
-        dtype: parameter dtype when loading (``float32`` on CPU).
+        dtype: compute dtype (``float32`` on CPU; bf16 compute comes from the Trainer's
+            ``precision: bf16-mixed``). The trained weights are always float32 master weights.
         save_to: if set, the trained model and tokenizer are written there as a Hugging Face
             folder when training ends.
     """
@@ -85,7 +86,7 @@ class NextTokenLM(LightningModule):
             return
         hp = self.hparams
         if hp.model is not None:
-            self.model = load_causal_lm(hp.model, dtype=hp.dtype)
+            self.model, _ = load_trained_model(hp.model, dtype=hp.dtype)
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,6 +121,9 @@ class NextTokenLM(LightningModule):
     @staticmethod
     def _rows(batch: dict) -> int:
         return len(batch["prefix_ids" if "prefix_ids" in batch else "input_ids"])
+
+    def on_fit_start(self) -> None:
+        warn_if_half_trainable("NextTokenLM", self.model)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -25,7 +25,7 @@ from lightning import LightningModule
 
 from lit_selfimprove.generation import generate
 from lit_selfimprove.metrics import PassAtK
-from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import adamw_with_warmup, as_user_turn, on_device, sampling_generator
 from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
 
@@ -77,7 +77,9 @@ class StudentRLVR(LightningModule):
         val_ks: the k of pass@k (k > val_num_samples are skipped).
         val_temperature: sampling temperature for pass@k.
         val_max_new_tokens: generation budget at validation (defaults to ``max_new_tokens``).
-        dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs).
+        dtype: compute dtype (``float32`` on CPU; ``bfloat16`` on GPUs, through FSDP2's
+            MixedPrecisionPolicy or the Trainer's ``precision: bf16-mixed``) and storage dtype of the
+            frozen KL reference. The trained policy always keeps float32 master weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
         lora: ``peft.LoraConfig`` kwargs.
@@ -154,21 +156,20 @@ class StudentRLVR(LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = load_causal_lm(
+        self.policy, ref = load_trained_model(
             hp.model,
             dtype=hp.dtype,
             attn_implementation=hp.attn_implementation,
             quantization=hp.quantization,
             lora=hp.lora,
+            reference=self.rl.kl_coef > 0,
+            device_mesh=getattr(self, "device_mesh", None),
         )
-        self.policy.train()  # from_pretrained returns eval mode; no dropout in most LMs anyway
-        if self.rl.kl_coef > 0:
-            self._frozen["ref"] = frozen_copy(self.policy)
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is not None:  # ModelParallelStrategy: FSDP2
-            shard_model(self.policy, mesh)
-            if "ref" in self._frozen:
-                shard_model(self._frozen["ref"], mesh)
+        if ref is not None:
+            self._frozen["ref"] = ref
+
+    def on_fit_start(self) -> None:
+        warn_if_half_trainable("StudentRLVR", self.policy)
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
