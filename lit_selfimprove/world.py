@@ -23,6 +23,7 @@ from lit_selfimprove.assets import ASSETS_DIR, build_char_tokenizer
 from lit_selfimprove.datamodules.arithmetic import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT, generate_problems
 from lit_selfimprove.rewards.math_verify import extract_boxed
 
+LEVELS = range(1, 7)  # the tiny bases are pre-trained on levels 1-6 (configs/tiny/pretrain_*.yaml)
 _PAIR = re.compile(r"<question>(.*?)</question>[^<]*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
 
 
@@ -79,6 +80,16 @@ def teacher_stats(model, tokenizer, num: int = 200) -> dict:
     return {"valid": valid / num, "correct": correct / num, "levels": dict(sorted(levels.items()))}
 
 
+def world_level(text: str) -> int:
+    """argparse type: a level of the tiny world."""
+    value = int(text)
+    if value not in LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"no level {value}: the tiny world has levels {LEVELS[0]}-{LEVELS[-1]}"
+        )
+    return value
+
+
 def _run_cli(config: str, *overrides: str) -> None:
     cmd = [sys.executable, "-m", "lit_selfimprove", "fit", "--config", config, *overrides]
     print("+", " ".join(cmd), flush=True)
@@ -126,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="greedy accuracy of a student per level; teacher validity")
     ev.add_argument("--model", default="builtin:tiny-student")
     ev.add_argument("--role", choices=["student", "teacher"], default="student")
-    ev.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ev.add_argument("--levels", type=world_level, nargs="+", default=[1, 2, 3, 4, 5])
     ev.add_argument("--num", type=int, default=200)
     ev.add_argument("--samples", type=int, default=0, help="also report mean accuracy of N samples at T=1")
     ex = sub.add_parser("export", help="write problems of some levels as id/question/answer jsonl")
-    ex.add_argument("--levels", type=int, nargs="+", required=True)
+    ex.add_argument("--levels", type=world_level, nargs="+", required=True)
     ex.add_argument("--num", type=int, required=True)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", required=True)

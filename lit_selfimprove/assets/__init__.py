@@ -8,6 +8,7 @@ default runs without any network. Refer to them from configs as ``builtin:tiny-s
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -40,6 +41,30 @@ def resolve(name_or_path: str) -> str:
             )
         return str(path)
     return name_or_path
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is a filesystem path rather than a hub id (``org/name``, at most one ``/``)."""
+    s = name.replace(os.sep, "/")
+    return os.path.isabs(name) or s.startswith(("/", "./", "../", "~")) or s.count("/") > 1
+
+
+def resolve_model(name_or_path: str) -> str:
+    """:func:`resolve` for a model or tokenizer, with ``~`` expanded.
+
+    Raises:
+        FileNotFoundError: When ``name_or_path`` is a local path that does not exist (instead of the
+            hub's "Repo id must be in the form ..." error).
+    """
+    path = resolve(str(name_or_path))  # a pathlib.Path too
+    if looks_like_local_path(path):
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"model/tokenizer path {name_or_path!r} does not exist locally (hub ids look like "
+                "'org/name'; the bundled tiny ones are 'builtin:tiny-student', 'builtin:tiny-teacher')"
+            )
+    return path
 
 
 def build_char_tokenizer():

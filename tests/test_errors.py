@@ -1,0 +1,93 @@
+"""Mistyped inputs fail fast, with a message that names the cause."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lit_selfimprove import world
+from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+from tests.conftest import REPO
+
+MISSING = [
+    "/nonexistent/model",
+    "./no/such/model",
+    "../no-such-model",
+    "~/no-such-model-4f2a",
+    "runs/x/teacher",
+]
+
+
+@pytest.mark.parametrize("name", MISSING)
+@pytest.mark.parametrize("load", [load_tokenizer, load_causal_lm])
+def test_a_missing_local_model_path_says_it_does_not_exist(load, name):
+    with pytest.raises(FileNotFoundError, match=r"does not exist locally \(hub ids look like 'org/name'"):
+        load(name)
+
+
+def test_sample_questions_with_a_missing_teacher_path_names_the_path(tmp_path):
+    from lit_selfimprove import sample_questions
+
+    with pytest.raises(FileNotFoundError, match="'/nonexistent' does not exist locally"):
+        sample_questions.main(["--teacher", "/nonexistent", "--out", str(tmp_path / "q.jsonl")])
+
+
+def test_hub_ids_and_existing_paths_pass_the_check(tmp_path):
+    from lit_selfimprove.assets import resolve_model
+
+    assert resolve_model("org/name") == "org/name"  # left to the hub, which the check never calls
+    assert resolve_model("gpt2") == "gpt2"
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("builtin:tiny-tokenizer").endswith("tiny-tokenizer")
+
+
+def test_fit_with_a_missing_student_path_names_the_path(tmp_path):
+    cmd = [sys.executable, "-m", "lit_selfimprove", "fit", "--config", str(REPO / "configs/tiny/soar.yaml")]
+    cmd.append("--model.init_args.student=/nonexistent/model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    # jsonargparse wraps the module's error in its own ValueError: the cause is in its "Errors:" list
+    assert "'/nonexistent/model' does not exist locally (hub ids look like 'org/name'" in proc.stderr
+    assert "Repo id must" not in proc.stderr
+
+
+@pytest.mark.parametrize("levels", [["99"], ["0"], ["1", "7"]])
+def test_world_eval_rejects_levels_the_world_does_not_have(levels, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the levels were not checked at argument parsing")
+
+    monkeypatch.setattr(world, "level_accuracy", never)
+    with pytest.raises(SystemExit) as exc:
+        world.main(["eval", "--levels", *levels])
+    assert exc.value.code == 2
+    assert "the tiny world has levels 1-6" in capsys.readouterr().err
+
+
+def test_world_eval_accepts_levels_1_to_6(monkeypatch):
+    import lit_selfimprove.modeling as modeling
+
+    seen = []
+    monkeypatch.setattr(
+        world, "level_accuracy", lambda model, tok, levels, *a, **k: seen.extend(levels) or {}
+    )
+    monkeypatch.setattr(modeling, "load_causal_lm", lambda name: None)
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda name: None)
+    world.main(["eval", "--levels", "1", "6"])
+    assert seen == [1, 6]
+
+
+@pytest.mark.parametrize("name", ["soar_harp", "soar_math"])
+def test_paper_soar_config_headers_run_themselves_and_name_the_pq_file(name):
+    import inspect
+
+    from lit_selfimprove.callbacks import Promotion
+
+    pq = inspect.signature(Promotion).parameters["pq_filename"].default
+    config = REPO / "configs" / "paper" / f"{name}.yaml"
+    header = "\n".join(line for line in config.read_text().splitlines() if line.startswith("#"))
+    assert f"fit --config configs/paper/{name}.yaml" in header
+    assert f"<log dir>/{pq}" in header and "/pq.jsonl" not in header
