@@ -48,7 +48,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.generation.sampler import _any_rank
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
-from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
     as_user_turn,
@@ -141,7 +141,10 @@ class TeacherMetaRL(LightningModule):
             while the dataset's repeats run, g at the end of the step).
         median: which repeat is "the median-reward student" when r is even: ``lower`` or ``upper``
             (with r = 2: the worse or the better of the two).
-        dtype: parameter dtype of both models.
+        dtype: compute dtype of both models (``bfloat16`` on GPUs: FSDP2's MixedPrecisionPolicy for
+            the teacher, the Trainer's ``precision: bf16-mixed`` for everything) and storage dtype of
+            the frozen references. Teacher and students always keep float32 master weights: an
+            AdamW step of 1e-5 mostly rounds away on bfloat16 weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
             the log dir every N outer steps (0: never).
@@ -261,21 +264,20 @@ class TeacherMetaRL(LightningModule):
             return
         hp = self.hparams
         kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation}
-        self.teacher = load_causal_lm(hp.teacher, **kwargs)
-        self.student = load_causal_lm(hp.student, **kwargs)
-        self.teacher.train()
-        self.student.train()
-        if hp.kl_coef > 0:
-            self._frozen["ref"] = frozen_copy(self.teacher)
+        # FSDP2 (ModelParallelStrategy) shards the teacher and its reference; students stay whole
+        self.teacher, ref = load_trained_model(
+            hp.teacher, reference=hp.kl_coef > 0, device_mesh=getattr(self, "device_mesh", None), **kwargs
+        )
+        self.student, _ = load_trained_model(hp.student, **kwargs)
+        if ref is not None:
+            self._frozen["ref"] = ref
         # DDP must not all-reduce the students' gradients: each rank trains different copies
         self._ddp_params_and_buffers_to_ignore = [
-            f"student.{name}" for name, _ in self.student.named_parameters()
-        ] + [f"student.{name}" for name, _ in self.student.named_buffers()]
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is not None:  # ModelParallelStrategy: FSDP2 shards the teacher (and its reference)
-            shard_model(self.teacher, mesh)
-            if "ref" in self._frozen:
-                shard_model(self._frozen["ref"], mesh)
+            f"student.{name}" for name, _ in self.student.named_parameters(remove_duplicate=False)
+        ] + [f"student.{name}" for name, _ in self.student.named_buffers(remove_duplicate=False)]
+
+    def on_fit_start(self) -> None:
+        warn_if_half_trainable("TeacherMetaRL", self.teacher, self.student)
 
     def _frozen_model(self, key: str) -> torch.nn.Module | None:
         return on_device(self._frozen.get(key), self.device)
@@ -483,7 +485,7 @@ class TeacherMetaRL(LightningModule):
         ref = None
         if hp.inner_kl_coef > 0:  # the baseline student as the inner KL reference
             if "student_ref" not in self._frozen:
-                self._frozen["student_ref"] = frozen_copy(self.student)
+                self._frozen["student_ref"] = frozen_copy(self.student, hp.dtype)
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
         g, r = len(datasets), hp.num_repeats
