@@ -462,3 +462,79 @@ def test_sequence_logprobs_chunked_values_and_grads(tiny_llama):
         grads = torch.autograd.grad(out.sum(), params)  # one backward through all chunks
         for g, g_ref in zip(grads, grads_full):
             torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rlvr_step: micro-batching
+# ----------------------------------------------------------------------------------------------------
+
+
+class _GradRecorder:
+    """Stands in for the optimizer: ``step`` records the gradients, parameters never move."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def _rollouts_of_different_lengths():
+    from lit_selfimprove.generation import Rollouts
+
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([3, 1, 6, 2, 5, 4])  # 2 prompts x 3 samples
+    completion_mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    return Rollouts(
+        prompt_ids=torch.randint(1, 50, (6, 4), generator=gen),
+        prompt_mask=torch.ones(6, 4, dtype=torch.long),
+        completion_ids=torch.randint(1, 50, (6, 6), generator=gen) * completion_mask,
+        completion_mask=completion_mask,
+        texts=[""] * 6,
+        finished=lengths < 6,
+    )
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "fixed"])
+def test_rlvr_step_gradient_does_not_depend_on_micro_batch_size(tiny_llama, aggregation, monkeypatch):
+    """Micro-batches of 1 or 4 rows give the full batch's gradient (and loss) in every aggregation mode."""
+    import copy
+
+    import lit_selfimprove.rl.rlvr_step as rlvr_module
+    from lit_selfimprove.rl import AGGREGATION_MODES
+
+    assert set(AGGREGATION_MODES) == {"token", "sequence", "fixed"}  # a new mode needs a case here
+    monkeypatch.setattr(rlvr_module, "generate", lambda *args, **kwargs: _rollouts_of_different_lengths())
+    policy = copy.deepcopy(tiny_llama).float()
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a non-zero KL term
+
+    def reward(completions, answers):
+        return torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+
+    results = []
+    for micro_batch_size in (None, 1, 4):
+        cfg = rlvr_module.RLVRConfig(
+            group_size=3,
+            max_new_tokens=6,
+            loss_aggregation=aggregation,
+            kl_coef=0.1,
+            micro_batch_size=micro_batch_size,
+            max_grad_norm=None,
+        )
+        opt = _GradRecorder(policy.parameters())
+        stats, _, _ = rlvr_module.rlvr_step(policy, None, reward, ["a", "b"], ["1", "2"], cfg, opt, ref)
+        results.append((stats, opt.grads[0]))
+    (full_stats, full_grads), *micro = results
+    assert any(float(g.abs().max()) > 1e-4 for g in full_grads)
+    for micro_stats, micro_grads in micro:
+        for g, g_ref in zip(micro_grads, full_grads):
+            torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+        assert micro_stats["loss"] == pytest.approx(full_stats["loss"], abs=1e-6)
+        assert micro_stats["kl"] == pytest.approx(full_stats["kl"], abs=1e-6)

@@ -119,14 +119,16 @@ def rlvr_step(
             if cfg.kl_coef > 0 and ref_model is not None
             else None
         )
-    # 5. loss and step
+    # 5. loss and step; a micro-batch's loss is weighted by its share of what the aggregation averages
+    # over (tokens, sequences or rows), so the gradient is the full batch's whatever the micro-batch size
     policy.train()
+    total = _units(token_mask, cfg.loss_aggregation).clamp(min=1)
     sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-    n_terms = 0
     for _ in range(cfg.ppo_epochs):
         for sl in chunks:
             logps = sequence_logprobs(policy, input_ids[sl], attention_mask[sl], completion_mask[sl])
             mask = token_mask[sl]
+            weight = _units(mask, cfg.loss_aggregation) / total
             pg, pg_stats = policy_gradient_loss(
                 logps,
                 old_logps[sl] if old_logps is not None else None,
@@ -146,11 +148,10 @@ def rlvr_step(
                     cfg.max_new_tokens,
                 )
                 loss = loss + cfg.kl_coef * kl
-                sums["kl"] += float(kl.detach())
-            backward(loss * ((sl.stop - sl.start) / rows))
-            sums["loss"] += float(loss.detach())
-            sums["clip_fraction"] += float(pg_stats["clip_fraction"])
-            n_terms += 1
+                sums["kl"] += float(kl.detach() * weight)
+            backward(loss * weight)
+            sums["loss"] += float(loss.detach() * weight)
+            sums["clip_fraction"] += float(pg_stats["clip_fraction"] * weight)
         if clip is not None and cfg.max_grad_norm:
             clip(cfg.max_grad_norm)
         optimizer.step()
@@ -164,9 +165,18 @@ def rlvr_step(
         "zero_std_frac": float(zero_std_fraction(grouped)),
         "completion_len": float(lengths.mean()),
         "truncated_frac": float((~rollouts.finished).float().mean()),
-        **{k: v / max(1, n_terms) for k, v in sums.items()},
+        **{k: v / cfg.ppo_epochs for k, v in sums.items()},
     }
     return stats, rollouts, rewards
+
+
+def _units(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """What ``aggregate_loss(..., aggregation)`` averages over: tokens, non-empty sequences or rows."""
+    if aggregation == "token":
+        return mask.sum()
+    if aggregation == "sequence":
+        return (mask.sum(-1) > 0).sum().to(mask.dtype)
+    return mask.new_tensor(float(mask.shape[0]))
 
 
 def _logps(model, input_ids, attention_mask, completion_mask, chunks) -> torch.Tensor:
