@@ -5,7 +5,8 @@ launcher re-runs this file for rank 1. The same 8 teacher texts are used in ever
 ranks, rank r writes texts 4r..4r+3), and Q_R is always all 8 problems of a fixed set, so the g
 datasets, Q_R and the per-training RNG streams are the same whatever the number of ranks. Each
 rank saves ``OUT_DIR/rank{r}.pt``: full teacher and student weights, the rewards of each outer
-step, how many inner trainings it ran, and the wall time of each outer step.
+step, the inner trainings it ran (outer step, training index, wall-clock start and end) and the
+wall time of each outer step (``benchmarks/bench_soar_distributed.py`` compares those).
 """
 
 from __future__ import annotations
@@ -91,16 +92,27 @@ def main() -> None:
         answer_check="light",
         log_samples_every=0,
     )
-    jobs = []
-    inner = module.train_inner_student
-    module.train_inner_student = lambda *a, **kw: jobs.append(1) or inner(*a, **kw)
+    timer = StepTimer()
+    jobs: list[dict] = []  # the inner trainings this rank ran
+    job_generator, inner = module.job_generator, module.train_inner_student
+
+    def tracked_generator(j):  # called with training j's index just before it runs
+        jobs.append({"step": len(timer.times), "j": j})
+        return job_generator(j)
+
+    def timed_inner(*args, **kwargs):
+        jobs[-1]["start"] = time.time()  # wall clock: comparable across the ranks' processes
+        out = inner(*args, **kwargs)
+        jobs[-1]["end"] = time.time()
+        return out
+
+    module.job_generator, module.train_inner_student = tracked_generator, timed_inner
     rank_of = {"single": lambda: 0}.get(which, lambda: torch.distributed.get_rank())
     module.sample_teacher_round = lambda num: rollouts_from_texts(
         module.teacher_tokenizer,
         module.teacher_prompt_text(),
         TEXTS if which == "single" else TEXTS[4 * rank_of() : 4 * rank_of() + 4],
     )
-    timer = StepTimer()
     per_rank = 8 if which == "single" else 4
     data = ArithmeticProblemDataModule(levels=[2], num_train=8, num_test=2, batch_size=per_rank)
     trainer = Trainer(
@@ -126,7 +138,7 @@ def main() -> None:
         "student": full_weights(module.student),
         "rewards": timer.rewards,
         "step_times": timer.times,
-        "jobs": len(jobs),
+        "jobs": jobs,
         "teacher_dtensor": any(type(p).__name__ == "DTensor" for p in module.teacher.parameters()),
         "student_dtensor": any(type(p).__name__ == "DTensor" for p in module.student.parameters()),
     }

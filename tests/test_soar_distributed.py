@@ -4,17 +4,14 @@ against one process (``tests/_dist_soar_script.py``, run in subprocesses).
 The g*r = 8 inner trainings of an outer step are spread over the ranks (4 each), their rewards
 all-reduced: both ranks must see the same rewards, apply the same teacher update (identical
 teacher weights), promote the same student (identical students, broadcast from the rank that
-trained it), and the rewards must equal those of one process running all 4 trainings (same
-datasets, same Q_R, per-training RNG streams). Spreading the trainings must also cut the wall time
-of an outer step.
+trained it), and the rewards must equal those of one process running all 8 trainings (same
+datasets, same Q_R, per-training RNG streams). Each rank runs its share of the trainings while the
+other runs its own; how much that cuts the wall time of an outer step depends on the machine's load,
+so it is measured by ``benchmarks/bench_soar_distributed.py``, not asserted here.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,8 +32,8 @@ def runs(tiny_random_lm, tmp_path_factory):
 def test_inner_trainings_are_spread_and_ranks_agree(runs, mode):
     single = runs("single")[0]
     r0, r1 = runs(mode)
-    assert single["jobs"] == 2 * 8  # 2 outer steps x g*r = 2*4 trainings on one process
-    assert r0["jobs"] == r1["jobs"] == 2 * 4  # ... and half of them on each of two ranks
+    assert len(single["jobs"]) == 2 * 8  # 2 outer steps x g*r = 2*4 trainings on one process
+    assert len(r0["jobs"]) == len(r1["jobs"]) == 2 * 4  # ... and half of them on each of two ranks
     # the same rewards on both ranks, and the same as one process running every training
     assert r0["rewards"] == r1["rewards"]
     assert any(abs(x) > 0 for step in single["rewards"] for x in step), "rewards must not be trivial"
@@ -51,26 +48,19 @@ def test_inner_trainings_are_spread_and_ranks_agree(runs, mode):
     assert r0["teacher_dtensor"] == (mode == "fsdp2") and not r0["student_dtensor"]
 
 
-def _two_free_cores() -> bool:
-    """Do two CPU-bound processes run side by side as fast as one alone? (Not on a busy machine.)"""
-    loop = [sys.executable, "-c", "s = 0\nfor i in range(6_000_000): s += i"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_each_rank_runs_its_share_of_the_inner_trainings_at_the_same_time_as_the_other(runs, mode):
+    """Rank r runs trainings r, r + 2, ... of every outer step, while the other rank runs its own.
 
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        # own session, as the ranks run (their CPU share is per session group under autogroup)
-        for p in [subprocess.Popen(loop, start_new_session=True) for _ in range(n)]:
-            p.wait()
-        return time.perf_counter() - t0
-
-    return timed(2) < 1.3 * timed(1)
-
-
-def test_spreading_the_inner_trainings_cuts_the_outer_step_time(runs):
-    if (os.cpu_count() or 1) < 2 or not _two_free_cores():
-        pytest.skip("needs two idle CPU cores: the machine is busy, a wall-time comparison would be noise")
-    single = runs("single")[0]
-    ddp = runs("ddp")
-    # both outer steps; each rank runs half of the trainings (the rest of a step is not spread)
-    t1 = sum(single["step_times"])
-    t2 = max(sum(r["step_times"]) for r in ddp)
-    assert t2 < 0.85 * t1, f"2 ranks: {t2:.2f} s for 2 outer steps, 1 process: {t1:.2f} s"
+    Load-independent: the speed-up itself is measured by ``benchmarks/bench_soar_distributed.py``."""
+    ranks = runs(mode)
+    for step in range(2):
+        for rank, result in enumerate(ranks):
+            assert [job["j"] for job in result["jobs"] if job["step"] == step] == list(range(rank, 8, 2))
+        # [first start, last end] of each rank's trainings in this step: the two intervals overlap
+        spans = [
+            (min(job["start"] for job in jobs), max(job["end"] for job in jobs))
+            for jobs in ([job for job in r["jobs"] if job["step"] == step] for r in ranks)
+        ]
+        assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+    assert [job["j"] for job in runs("single")[0]["jobs"]] == list(range(8)) * 2
