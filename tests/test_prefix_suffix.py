@@ -264,7 +264,7 @@ def test_splits_are_disjoint_deterministic_and_match_fractions(rp_dir: Path, rp_
     )
     files = sorted(str(p) for p in rp_dir.glob("sample_*.jsonl"))
     docs = list(_ds(files, splits=None, split="policy").iter_documents(all_splits=True))
-    assert len(docs) == 2132
+    assert len(docs) == 2131  # 2132 records; the third arxiv one is a lone newline (dropped as empty)
     by_split: dict[str, set[str]] = {}
     for d in docs:
         by_split.setdefault(d["split"], set()).add(d["doc_id"])
@@ -315,7 +315,8 @@ def test_meta_filter_on_the_redpajama_sample(rp_dir: Path, rp_small: Path) -> No
     assert sources_of({"meta.source": "github"}) == {"sample_github2": 100}  # dotted path from the root
     assert sources_of({"source": "cc/*"}) == {"sample_cc1": 10}  # cc has no meta: top-level field, pattern
     assert sources_of({"language": "bg"}) == {"sample_wiki2": 10}  # a key inside meta
-    assert sources_of({"source_name": "sample_arxiv2", "language": "en"}) == {"sample_arxiv2": 10}
+    # 9 of 10: the third arxiv record's text is a lone newline (dropped as empty)
+    assert sources_of({"source_name": "sample_arxiv2", "language": "en"}) == {"sample_arxiv2": 9}
     # at chunk level
     se_ids = {
         d["doc_id"]

@@ -11,13 +11,16 @@ Sources (read in a fixed order: the given sources in order, the files of a folde
 then the ``hf_name`` dataset):
 
 * ``.jsonl``, ``.jsonl.zst`` (stream-decompressed with ``zstandard``) and ``.jsonl.gz``: one JSON object per
-  line; blank lines are ignored. The text is ``text_field`` (a dotted path such as ``"content.body"`` reaches
-  into nested objects); a ``meta`` given as a JSON string (as in RedPajama-1T) is parsed.
+  line; blank lines are ignored. Each line is decoded on its own: a line that is not valid UTF-8 is a
+  malformed record (see ``skip_malformed``), not the end of the stream. The text is ``text_field`` (a dotted
+  path such as ``"content.body"`` reaches into nested objects); a ``meta`` given as a JSON string (as in
+  RedPajama-1T) is parsed.
 * ``.txt``: the whole file is ONE document (no ``meta``). Paragraphs are not split into documents because
   the earlier paragraphs of an article or book are exactly the prefix a later chunk should be conditioned on.
 * folders (searched recursively for the extensions above) and glob patterns (``**`` allowed).
 * ``hf_name``: ``datasets.load_dataset(hf_name, hf_config, split=hf_split, data_files=data_files,
-  streaming=True)``: a hub id, a local dataset folder, or a builder such as ``"json"`` with ``data_files``.
+  streaming=True)``: a hub id, a local dataset folder, or a builder such as ``"json"`` with ``data_files``. A
+  name that looks like a local path (see :func:`_looks_local`) and does not exist fails at once.
 
 Pipeline, for one *slot* (a data-parallel rank x dataloader worker; ``num_slots = world_size * num_workers``):
 
@@ -45,10 +48,13 @@ Pipeline, for one *slot* (a data-parallel rank x dataloader worker; ``num_slots 
    ``sha1(split_salt + key)`` read as a fraction, where ``key`` is the document's ``id_field`` value when one
    is configured, else its text. So policy / judge / rewriter / eval are disjoint and each document's split
    depends on nothing but the document: not on source order, sharding, ``seed`` or ``PYTHONHASHSEED``.
-4. **Chunks.** The text is tokenized without added special tokens (literal special-token text such as
-   ``"<eos>"`` inside a document is tokenized as ordinary text). Suffix ``k`` starts at token ``s_k`` and
-   holds ``suffix_tokens`` tokens; its prefix is the ``context_length - suffix_tokens`` tokens before it
-   (fewer at the start of a document, never fewer than ``min_prefix_tokens``). ``split_mode="fixed"``:
+4. **Chunks.** A document whose text is empty or whitespace only is skipped and counted (``empty``). The text
+   is tokenized without added special tokens (literal special-token text such as ``"<eos>"`` inside a
+   document is tokenized as ordinary text), in pieces of at most 100,000 characters cut between words (see
+   :func:`_text_pieces`), so that a huge document does not take the tokenizer's memory per character times
+   its length. Suffix ``k`` starts at token ``s_k`` and holds ``suffix_tokens`` tokens; its prefix is the
+   ``context_length - suffix_tokens`` tokens before it (fewer at the start of a document, never fewer than
+   ``min_prefix_tokens``). ``split_mode="fixed"``:
    ``s_k = min_prefix_tokens + k * suffix_tokens``; ``"random"``: the same grid shifted by a random offset
    in ``[0, suffix_tokens)`` drawn per document and epoch from ``seed`` (deterministic, different every
    epoch); with ``max_chunks_per_doc`` the first chunks are kept (fixed) or a random subset (random). A tail
@@ -86,6 +92,7 @@ import math
 import os
 import random
 import re
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -118,6 +125,11 @@ SPLIT_MODES = ("fixed", "random")
 _FILE_SUFFIXES = (".jsonl.zst", ".jsonl.gz", ".jsonl", ".txt")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A name ending in a letters-only extension (".jsonl", ".gz", a typo such as ".jsnol") names a file.
+_FILE_EXT_RE = re.compile(r"\.[A-Za-z]{1,5}$")
+# Longest piece of a document tokenized in one call: the tokenizer's working memory (hundreds of bytes per
+# character for a fast tokenizer) is bounded by it instead of by the document's length.
+_PIECE_CHARS = 100_000
 _STATE_KEY = "_stream_state"  # batch key carrying the producing slot's position (popped before training)
 _STATE_VERSION = 1
 
@@ -140,7 +152,11 @@ _REDPAJAMA_SETS = {
 
 
 class _Malformed(Exception):
-    """A record that cannot be used (reason in the message)."""
+    """A record that cannot be used (reason in the message; ``lineno`` overrides the record's line)."""
+
+    def __init__(self, reason: str, lineno: int | None = None) -> None:
+        super().__init__(reason)
+        self.lineno = lineno
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,10 +280,29 @@ def resolve_source_files(sources: str | Sequence[str]) -> list[Path]:
             add(Path(source))
         else:
             hint = ""
-            if _HUB_ID_RE.match(source) and not source.endswith(_FILE_SUFFIXES):
+            if _HUB_ID_RE.match(source) and not _looks_local(source):
                 hint = f" (a Hugging Face dataset id? pass it as hf_name={source!r})"
             raise FileNotFoundError(f"source not found: {source!r}{hint}")
     return files
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id (``org/name``): it starts with ``/``,
+    ``.`` or ``~``, has a backslash or more than one ``/``, or ends in a file extension (letters only)."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or bool(_FILE_EXT_RE.search(name))
+    )
+
+
+def _check_hf_name(hf_name: str) -> None:
+    """Fail fast on an ``hf_name`` that names a missing local file (else ``datasets`` tries the hub)."""
+    if not Path(hf_name).expanduser().exists() and _looks_local(hf_name):
+        raise FileNotFoundError(
+            f"hf_name={hf_name!r} looks like a local path but does not exist (hub ids look like 'org/name')"
+        )
 
 
 def _infer_redpajama_set(*names: str) -> str | None:
@@ -296,8 +331,9 @@ def _file_source(path: Path) -> _Source:
     return _Source(kind, str(path), stem, _infer_redpajama_set(stem, *parents))
 
 
-def _open_text(path: Path) -> IO[str]:
-    """Open a (possibly compressed) text file for streaming line iteration."""
+def _open_lines(path: Path) -> IO[bytes]:
+    """Open a (possibly compressed) file for streaming iteration over its lines as bytes (decoded per record,
+    so that an invalid UTF-8 byte spoils one record, not the stream)."""
     name = path.name.lower()
     if name.endswith(".zst"):
         try:
@@ -306,10 +342,46 @@ def _open_text(path: Path) -> IO[str]:
             raise ImportError("reading .zst files needs zstandard: pip install zstandard") from err
         raw = path.open("rb")
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.TextIOWrapper(reader, encoding="utf-8")
+        return io.BufferedReader(reader)
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _decode_utf8(data: bytes, multiline: bool = False) -> str:
+    """``data`` decoded as UTF-8; raises :class:`_Malformed` at the first invalid byte (with its line number
+    when ``data`` is a whole file)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        lineno = data.count(b"\n", 0, err.start) + 1 if multiline else None
+        raise _Malformed(
+            f"invalid UTF-8 (byte 0x{data[err.start]:02x} at byte {column} of the line)", lineno
+        ) from None
+
+
+def _text_pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters, each cut (in the second half of its
+    window) before a single space between two non-space characters: where byte-level BPE pre-tokenizers
+    (GPT-2, Llama 3) start a word anyway, so that they and a char tokenizer tokenize the pieces exactly as the
+    whole text. Without such a space the cut falls inside a word (avoiding whitespace runs), where a BPE
+    tokenization may differ from the one-call one, and so may SentencePiece's (dummy prefix) at every cut.
+    """
+    start = 0
+    while len(text) - start > size:
+        end, lo = start + size, start + size // 2
+        cut = text.rfind(" ", lo, end)
+        while cut > lo and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", lo, cut)
+        if cut <= lo:
+            cut = end
+            while cut > lo and text[cut - 1].isspace() and text[cut].isspace():
+                cut -= 1
+            cut = cut if cut > lo else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _get_path(obj: Any, dotted: str) -> tuple[bool, Any]:
@@ -401,8 +473,8 @@ class _Doc:
     """A document of the selected split, tokenized, with its suffix start positions."""
 
     doc_id: str
-    tokens: list[int]
-    starts: list[int]
+    tokens: array  # int32 token ids (4 bytes a token, where a list of ints takes ~10 times more)
+    starts: Sequence[int]
 
 
 def _rank_world_from_env() -> tuple[int, int]:
@@ -508,6 +580,8 @@ class PrefixSuffixDataset(IterableDataset):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if sources is None and hf_name is None:
             raise ValueError("no source given: pass sources (files, folders, globs) and/or hf_name")
+        if hf_name is not None:
+            _check_hf_name(hf_name)
         self.sources = [] if sources is None else ([sources] if isinstance(sources, str) else list(sources))
         self.files = resolve_source_files(self.sources) if self.sources else []
         self._file_sources = [_file_source(p) for p in self.files]
@@ -599,9 +673,9 @@ class PrefixSuffixDataset(IterableDataset):
             if src.kind == ".txt":
                 yield src, 1, path
                 continue
-            with _open_text(path) as fh:
+            with _open_lines(path) as fh:
                 for lineno, line in enumerate(fh, start=1):
-                    if line and not line.isspace():
+                    if line and not line.isspace():  # bytes: blank means ASCII whitespace only
                         yield src, lineno, line
         if self.hf_name is not None:
             src = _Source("hf", self.hf_name, self.hf_name, None)
@@ -610,8 +684,11 @@ class PrefixSuffixDataset(IterableDataset):
 
     def _parse(self, src: _Source, lineno: int, payload: Any) -> tuple[dict[str, Any], str]:
         """Payload -> ``(record, text)``; raises :class:`_Malformed`."""
-        if src.kind == ".txt":
-            return {}, Path(payload).read_text(encoding="utf-8")
+        if src.kind == ".txt":  # universal newlines, as in text mode
+            text = _decode_utf8(Path(payload).read_bytes(), multiline=True)
+            return {}, text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+        if isinstance(payload, bytes):
+            payload = _decode_utf8(payload)
         if isinstance(payload, str):
             try:
                 record = json.loads(payload)
@@ -672,43 +749,54 @@ class PrefixSuffixDataset(IterableDataset):
         stats["records"] += 1
         try:
             record, text = self._parse(src, lineno, payload)
-            keep = self._keep(record, src)
+            empty = not text or text.isspace()
+            keep = not empty and self._keep(record, src)
             doc_id, key = self._doc_key(record, text) if keep else ("", "")
         except _Malformed as err:
             if not self.skip_malformed:
                 unit = "row" if src.kind == "hf" else "line"
-                raise ValueError(f"{src.where}: malformed record at {unit} {lineno}: {err}") from None
+                at = err.lineno or lineno
+                raise ValueError(f"{src.where}: malformed record at {unit} {at}: {err}") from None
             stats["malformed"] += 1
+            return None
+        if empty:
+            stats["empty"] += 1
             return None
         if not keep:
             stats["filtered"] += 1
             return None
         return record, text, doc_id, assign_split(key, self.splits, self.split_salt)
 
-    def _chunk_starts(self, n_tokens: int, doc_id: str, epoch: int) -> list[int]:
+    def _chunk_starts(self, n_tokens: int, doc_id: str, epoch: int) -> Sequence[int]:
         m, n, ms = self.min_prefix_tokens, self.suffix_tokens, self.min_suffix_tokens
         if n_tokens < m + ms:
-            return []
+            return range(0)
         rng = None
         offset = 0
         if self.split_mode == "random":
             rng = random.Random(_hash_int(self.seed, "cut", doc_id, epoch))
             offset = rng.randrange(min(n, n_tokens - m - ms + 1))
-        starts = list(range(m + offset, n_tokens - ms + 1, n))
+        starts: Sequence[int] = range(m + offset, n_tokens - ms + 1, n)
         limit = self.max_chunks_per_doc
         if limit is not None and len(starts) > limit:
             starts = sorted(rng.sample(starts, limit)) if rng is not None else starts[:limit]
         return starts
 
     def _make_doc(self, text: str, doc_id: str, epoch: int) -> _Doc:
+        """Tokenize ``text`` in pieces of at most ``_PIECE_CHARS`` characters (see :func:`_text_pieces`), so
+        that the tokenizer's memory does not grow with the document, into a compact int32 array."""
         tok = self.get_tokenizer()
-        ids = tok(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-        return _Doc(doc_id, list(ids), self._chunk_starts(len(ids), doc_id, epoch))
+        tokens = array("i")
+        for piece in _text_pieces(text, _PIECE_CHARS):
+            tokens.extend(
+                tok(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            )
+        return _Doc(doc_id, tokens, self._chunk_starts(len(tokens), doc_id, epoch))
 
     def _item(self, doc: _Doc, k: int) -> dict[str, Any]:
         s = doc.starts[k]
-        prefix = doc.tokens[max(0, s - self.max_prefix_tokens) : s]
-        suffix = doc.tokens[s : s + self.suffix_tokens]
+        prefix = doc.tokens[max(0, s - self.max_prefix_tokens) : s].tolist()
+        suffix = doc.tokens[s : s + self.suffix_tokens].tolist()
         tok = self.get_tokenizer()
 
         def decode(ids: list[int]) -> str:
@@ -761,6 +849,7 @@ def _new_stats() -> dict[str, int]:
     return {
         "records": 0,
         "malformed": 0,
+        "empty": 0,
         "filtered": 0,
         "other_split": 0,
         "too_short": 0,
@@ -928,6 +1017,7 @@ class _SlotStream:
             raise ValueError(
                 f"PrefixSuffixDataset: no {ds.split!r} chunks{where} after a full pass over {ds._describe()}: "
                 f"of {stats['records']} records read{where}, {stats['malformed']} were malformed (skipped), "
+                f"{stats['empty']} empty or whitespace-only, "
                 f"{stats['filtered']} removed by meta_filter={ds.meta_filter}, {stats['other_split']} in other "
                 f"splits than {ds.split!r} ({ds.splits}), {stats['too_short']} shorter than min_prefix_tokens + "
                 f"min_suffix_tokens = {ds.min_prefix_tokens + ds.min_suffix_tokens} tokens"
