@@ -1,6 +1,6 @@
 """Judges and rewriters of Self-Improving Pretraining: verdict parsing, LLM judges on scripted
-backends, CombinedJudge scoring (all pairs, pivot, weights, nan), YAML composition and the local
-Hugging Face backend on a tiny model."""
+backends, CombinedJudge scoring (all pairs, pivot, weights, nan), position bias and the random option
+order, YAML composition and the local Hugging Face backend on a tiny model."""
 
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def quality_answer(prompt: str, k: int = 0) -> str:
 
 def test_pairwise_judge_prompts_parses_and_counts():
     backend = ScriptedBackend(quality_answer)
-    judge = LLMPairwiseJudge(backend, max_tokens=64, max_prefix_chars=5)
+    judge = LLMPairwiseJudge(backend, max_tokens=64, max_prefix_chars=5, random_order=False)
     out = judge.compare(["a long prefix"] * 3, ["q3", "q1", "q2 garble"], ["q1", "q3", "q1"])
     assert out == [1.0, 0.0, None]
     call = backend.calls[0]
@@ -346,7 +346,7 @@ def assert_close(tensor: torch.Tensor, expected) -> None:
 def test_all_pairs_win_rates_by_hand():
     # a beats everything; c and d tie; (a, c) unparseable
     quality = StrengthJudge({"a": 3, "b": 1, "c": 2, "d": 2}, unparseable=[frozenset("ac")])
-    judge = CombinedJudge(quality=quality)
+    judge = CombinedJudge(quality=quality, random_order=False)
     result = judge.score_candidates(["p1", "p2"], [["a", "b", "c", "d"], ["b", "c", "a", "d"]], None)
     assert result.total.shape == (2, 4) and result.total.dtype == torch.float32
     # a: vs b 1, vs d 1 (vs c unparseable, left out) -> 1; b: 0/3; c: vs b 1, vs d .5 -> .75;
@@ -381,7 +381,7 @@ def test_all_pairs_with_an_llm_judge_in_both_orders():
 
 def test_pivot_mode(strengths):
     quality = StrengthJudge(strengths, unparseable=[frozenset("dx")])
-    judge = CombinedJudge(quality=quality, quality_mode="pivot")
+    judge = CombinedJudge(quality=quality, quality_mode="pivot", pivot="first", random_order=False)
     result = judge.score_candidates(["p1", "p2"], [["c", "a", "b", "d"], ["x", "a", "d", "x"]])
     # pivot = first candidate; each other one compared with it once: score = its verdict
     assert_close(result.components["quality"], [[0.5, 1.0, 0.0, 0.5], [0.5, 1.0, nan, 0.5]])
@@ -397,7 +397,9 @@ def test_pivot_mode(strengths):
             ["p"], [["a", "b", "c"]]
         )
 
-    nothing = CombinedJudge(quality=StrengthJudge(strengths, [frozenset("ab")]), quality_mode="pivot")
+    nothing = CombinedJudge(
+        quality=StrengthJudge(strengths, [frozenset("ab")]), quality_mode="pivot", pivot="first"
+    )
     assert_close(nothing.score_candidates(["p"], [["a", "b"]]).total, [[nan, nan]])
 
 
@@ -407,7 +409,7 @@ def test_random_pivot_is_seeded_and_compares_everyone_once(strengths):
     def run(seed):
         quality = StrengthJudge(strengths)
         result = CombinedJudge(
-            quality=quality, quality_mode="pivot", pivot="random", seed=seed
+            quality=quality, quality_mode="pivot", pivot="random", random_order=False, seed=seed
         ).score_candidates(["p"] * 6, cands)
         return quality.pairs, result.total
 
@@ -431,6 +433,88 @@ def test_random_order_swaps_positions_but_not_scores(strengths):
     result = judge.score_candidates(["p"] * 4, [["a", "b", "c", "d"]] * 4)
     assert_close(result.total, [[1.0, 0.0, 0.5, 0.5]] * 4)
     assert any("abcd".index(a) > "abcd".index(b) for a, b in quality.pairs)
+
+
+def always_option_1(prompt: str, k: int = 0) -> str:
+    """A judge with pure position bias: whatever it is shown, the first option wins."""
+    return "Both read well.\nOption 1"
+
+
+def test_position_bias_fixed_order_vs_random_default():
+    """Each of K candidates compared with the original suffix (pivot mode, the paper's K
+    comparisons) by a judge that always answers "Option 1"."""
+    batch, k = 50, 4
+    prefixes, refs = [f"p{b}" for b in range(batch)], [f"suffix {b}" for b in range(batch)]
+    cands = [[f"cand {b}.{i}" for i in range(k)] for b in range(batch)]
+
+    backend = ScriptedBackend(always_option_1)
+    fixed = CombinedJudge(
+        quality=LLMPairwiseJudge(backend, random_order=False), quality_mode="pivot", random_order=False
+    )
+    wins = fixed.score_candidates(prefixes, cands, references=refs).total
+    assert wins.eq(1.0).all()  # candidate always "Option 1", suffix always "Option 2": every candidate wins
+    prompts = backend.calls[0]["prompts"]
+    assert len(prompts) == batch * k and all(section(p, "Option 2").startswith("suffix") for p in prompts)
+
+    def run(**kw):
+        judge = CombinedJudge(
+            quality=LLMPairwiseJudge(ScriptedBackend(always_option_1)), quality_mode="pivot", **kw
+        )
+        return judge.score_candidates(prefixes, cands, references=refs).total
+
+    default = run()
+    assert 0.4 <= float(default.mean()) <= 0.6  # balanced
+    assert torch.equal(run(), default) and not torch.equal(run(seed=1), default)  # seeded
+    # a random order in the pairwise judge alone, or in CombinedJudge alone, balances as well
+    for judge in (
+        CombinedJudge(quality=LLMPairwiseJudge(ScriptedBackend(always_option_1)), random_order=False),
+        CombinedJudge(quality=LLMPairwiseJudge(ScriptedBackend(always_option_1), random_order=False)),
+        CombinedJudge(quality=LLMPairwiseJudge(ScriptedBackend(always_option_1))),  # both: no cancelling
+    ):
+        rates = judge.score_candidates(prefixes, cands).total  # all pairs
+        assert (0.35 <= rates.mean(0)).all() and (rates.mean(0) <= 0.65).all(), rates.mean(0)
+
+
+def test_pairwise_judge_random_order_is_seeded_and_undone():
+    biased = LLMPairwiseJudge(ScriptedBackend(always_option_1))
+    out = biased.compare(["p"] * 200, ["a"] * 200, ["b"] * 200)
+    assert set(out) == {0.0, 1.0} and 0.4 <= sum(out) / 200 <= 0.6
+    assert (
+        LLMPairwiseJudge(ScriptedBackend(always_option_1)).compare(["p"] * 200, ["a"] * 200, ["b"] * 200)
+        == out
+    )
+    fixed = LLMPairwiseJudge(ScriptedBackend(always_option_1), random_order=False)
+    assert fixed.compare(["p"] * 20, ["a"] * 20, ["b"] * 20) == [1.0] * 20
+    # an unbiased judge gives the same verdicts in any order (the swap is undone)
+    fair = LLMPairwiseJudge(ScriptedBackend(quality_answer), seed=5)
+    assert fair.compare(["p"] * 40, ["q3", "q1"] * 20, ["q1", "q3"] * 20) == [1.0, 0.0] * 20
+
+
+def test_pivot_defaults_to_the_original_suffix(strengths):
+    quality = StrengthJudge({**strengths, "s": 2})
+    judge = CombinedJudge(quality=quality, quality_mode="pivot", random_order=False)
+    result = judge.score_candidates(["p1", "p2"], [["a", "b", "s"], ["x", "c", "d"]], references=["s", "s"])
+    # each candidate vs the reference "s" (strength 2); the suffix itself is the pivot: 0.5, no call
+    assert_close(result.total, [[1.0, 0.0, 0.5], [0.0, 0.5, 0.5]])
+    assert quality.pairs == [("a", "s"), ("b", "s"), ("x", "s"), ("c", "s"), ("d", "s")]
+    assert result.stats["quality_calls"] == 5
+    with pytest.raises(ValueError, match="references"):
+        judge.score_candidates(["p"], [["a", "b"]])
+    # no verdict at all in a row: the suffix gets none either (nan, not a lone 0.5)
+    mute = CombinedJudge(quality=StrengthJudge(strengths, [frozenset("as")]), quality_mode="pivot")
+    assert_close(mute.score_candidates(["p"], [["a", "s"]], references=["s"]).total, [[nan, nan]])
+
+
+def test_unparseable_replies_are_kept_with_the_expected_format():
+    pairwise = LLMPairwiseJudge(ScriptedBackend(lambda p, k: "I like turtles."))
+    safety = LLMSafetyJudge(ScriptedBackend(lambda p, k: "FINAL DECISION: YES"), repeats=1)
+    judge = CombinedJudge(quality=pairwise, safety=safety)
+    assert pairwise.last_unparseable is None and judge.last_unparseable is None
+    judge.score_candidates(["p"], [["a", "b"]])
+    assert pairwise.last_unparseable == judge.last_unparseable == "I like turtles."
+    assert safety.last_unparseable is None and '"FINAL DECISION: YES"' in safety.expected_format
+    assert judge.expected_format.startswith("quality judge (LLMPairwiseJudge): ")
+    assert '"Option 1" or "Option 2"' in judge.expected_format
 
 
 def test_weights_and_nan(strengths):

@@ -130,6 +130,41 @@ def test_select_pairs_argmax_argmin_skips_ties_and_nan():
     assert torch.equal(again.chosen, sel.chosen) and torch.equal(again.rejected, sel.rejected)
 
 
+def test_select_pairs_for_rf_nll_needs_only_a_best_candidate():
+    """RF-NLL needs no rejected candidate: only rows without any verdict are skipped."""
+    total = torch.tensor(
+        [
+            [0.3, 0.3, 0.3],  # all equal: a tie among the best, broken by the seeded draw
+            [nan, nan, 0.4],  # one scored candidate: the best
+            [nan, nan, nan],  # no verdict at all: the only skip
+            [0.1, 0.9, 0.5],  # as for DPO
+        ]
+    )
+    sel = select_pairs(total, torch.Generator().manual_seed(0), need_rejected=False)
+    assert sel.valid.tolist() == [True, True, False, True]
+    assert sel.chosen[1:].tolist() == [2, -1, 1] and int(sel.chosen[0]) in (0, 1, 2)
+    assert sel.rejected.tolist() == [-1, -1, -1, 0]  # a rejected only where the scores differ
+    assert sel.tie_best.tolist() == [True, False, False, False] and not sel.tie_worst.any()
+    draws = [select_pairs(total, torch.Generator().manual_seed(s), need_rejected=False) for s in range(32)]
+    assert {int(d.chosen[0]) for d in draws} == {0, 1, 2}
+    # DPO still skips rows without two different scores
+    assert select_pairs(total, torch.Generator().manual_seed(0)).valid.tolist() == [False, False, False, True]
+
+
+def test_rf_nll_trains_on_prefixes_whose_candidates_all_tie(tiny_random_lm, tmp_path):
+    judge = ScriptedJudge(lambda p, c, r: [0.5] * len(c))  # no preference: every candidate is a best one
+    module = _module(tiny_random_lm, judge, loss="rf_nll", lr=1e-2)
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
+
+    logged = _metrics(trainer)
+    assert logged["select/pairs"] == [2.0, 2.0] and logged["select/skipped"] == [0.0, 0.0]
+    assert logged["select/ties_best"] == [2.0, 2.0] and logged["select/ties_worst"] == [0.0, 0.0]
+    assert len(logged["train/rf_nll"]) == 2
+    initial = load_causal_lm(tiny_random_lm).state_dict()
+    assert any(not torch.equal(v, initial[k]) for k, v in module.policy.state_dict().items())
+
+
 def test_training_step_picks_by_judge_and_reports_sources(tiny_random_lm, tmp_path):
     """Four prefixes, one outcome each: rewrite best, all equal, nan-filtered, rollout best."""
     k, n = 3, 6
@@ -265,7 +300,8 @@ def test_all_skipped_batches_step_the_counters_but_not_the_weights(tiny_random_l
     judge = ScriptedJudge(lambda p, c, r: [0.7] * len(c))  # a judge with no preference
     module = _module(tiny_random_lm, judge, lr=1e-2, weight_decay=0.1, warmup_steps=10)
     trainer = _trainer(tmp_path, 3)
-    trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
+    with pytest.warns(UserWarning, match="100% of the prefixes were skipped"):  # not silently
+        trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
 
     initial = load_causal_lm(tiny_random_lm).state_dict()
     assert all(torch.equal(v, initial[k]) for k, v in module.policy.state_dict().items())  # no decay

@@ -12,7 +12,9 @@ A :class:`CandidateJudge` turns those into one score per candidate, which is wha
 ``SuffixPolicyDPO`` consumes (``lit_selfimprove.judges.CombinedJudge`` is the configurable one).
 
 Verdicts that cannot be parsed are ``None``, never a guessed number: callers count them and
-leave them out of averages.
+leave them out of averages. A judge may also expose ``last_unparseable`` (the last raw reply it
+could not parse, ``None`` before any) and ``expected_format`` (what a parseable reply looks
+like): ``SuffixPolicyDPO`` quotes both when it warns about, or stops on, unusable verdicts.
 """
 
 from __future__ import annotations

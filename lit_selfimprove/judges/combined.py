@@ -5,9 +5,11 @@
 * quality (a :class:`PairwiseJudge`): ``all_pairs`` compares every pair ``i < j`` of a prefix's
   candidates once (both orders if the pairwise judge does that itself); a candidate's score is
   its mean win rate over its parseable comparisons (a tie counts 0.5). ``pivot`` compares each
-  candidate with one pivot candidate only (``C - 1`` comparisons instead of ``C(C-1)/2``; the
-  paper finds it clearly worse): the score is the verdict against the pivot, the pivot's own
-  score is 0.5;
+  candidate with one pivot only, by default the original suffix (the reference): the paper's
+  "K comparisons" instead of ``C(C-1)/2``, which it finds clearly worse. The score is the
+  verdict against the pivot; the pivot's own score (and that of a candidate identical to the
+  reference) is 0.5. Each pair is shown in a random order (seeded), so that a judge's position
+  bias does not favour one side;
 * factuality (a :class:`PointwiseJudge`) against the reference, the original suffix;
 * safety (a :class:`PointwiseJudge`).
 
@@ -29,6 +31,7 @@ __all__ = ["COMPONENTS", "CombinedJudge"]
 
 COMPONENTS = ("quality", "factuality", "safety")
 _NAN = float("nan")
+REF = -1  # a comparison's side that is the reference (pivot mode), not a candidate
 
 
 def _verdict(value: float | None) -> float:
@@ -49,12 +52,19 @@ class CombinedJudge:
         safety: pointwise safety judge (``None``: not used).
         weights: weight per component (``quality``, ``factuality``, ``safety``); 1.0 for those
             not given. A component with weight 0 is still scored and reported, not summed.
-        pivot: which candidate is the pivot in ``pivot`` mode: ``first``, ``last``, ``random``
-            (drawn per prefix) or an index (negative from the end; e.g. the original suffix,
-            which ``SuffixPolicyDPO`` puts after the K rollouts: ``-1``, or ``-2`` with a rewrite).
-        random_order: randomly swap which candidate of a pair is shown first (against the
-            judge's position bias; ``all_pairs`` and ``pivot`` modes alike).
-        seed: seed of the pivot / order draws.
+        pivot: the pivot of ``pivot`` mode: ``reference`` (default: the original suffix passed as
+            ``references``; candidates equal to it score 0.5 without a comparison), or a
+            candidate: ``first``, ``last``, ``random`` (drawn per prefix) or an index (negative
+            from the end).
+        random_order: swap which text of a pair is shown first with probability 1/2 (default;
+            against the judge's position bias; ``all_pairs`` and ``pivot`` modes alike).
+            ``False``: the lower candidate index (the candidate, not the reference) goes first.
+        seed: seed of the pivot / order draws: one stream per judge, continued over calls, so a
+            run repeats exactly for a fixed seed (it restarts with the process, e.g. on resume).
+
+    After a call with unparseable verdicts, ``last_unparseable`` is the last such raw reply of
+    the component judge (if it keeps one) and ``expected_format`` names that component and what
+    it expects (see :class:`~lit_selfimprove.judges.LLMPairwiseJudge`).
     """
 
     def __init__(
@@ -64,16 +74,18 @@ class CombinedJudge:
         factuality: PointwiseJudge | None = None,
         safety: PointwiseJudge | None = None,
         weights: dict[str, float] | None = None,
-        pivot: int | str = "first",
-        random_order: bool = False,
+        pivot: int | str = "reference",
+        random_order: bool = True,
         seed: int = 0,
     ):
         if quality is None and factuality is None and safety is None:
             raise ValueError("CombinedJudge needs at least one of quality, factuality, safety")
         if quality_mode not in ("all_pairs", "pivot"):
             raise ValueError(f"quality_mode must be 'all_pairs' or 'pivot', got {quality_mode!r}")
-        if not isinstance(pivot, int) and pivot not in ("first", "last", "random"):
-            raise ValueError(f"pivot must be 'first', 'last', 'random' or an index, got {pivot!r}")
+        if not isinstance(pivot, int) and pivot not in ("reference", "first", "last", "random"):
+            raise ValueError(
+                f"pivot must be 'reference', 'first', 'last', 'random' or an index, got {pivot!r}"
+            )
         unknown = sorted(set(weights or {}) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"unknown weight(s) {unknown}; components are {list(COMPONENTS)}")
@@ -84,7 +96,10 @@ class CombinedJudge:
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in COMPONENTS}
         self.pivot = pivot
         self.random_order = random_order
-        self._rng = random.Random(seed)
+        # salted: a pairwise judge with the same seed draws a different stream (no cancelling swaps)
+        self._rng = random.Random(f"{type(self).__name__}/{seed}")
+        self.last_unparseable: str | None = None
+        self.expected_format: str | None = None
 
     @property
     def components(self) -> list[str]:
@@ -113,9 +128,11 @@ class CombinedJudge:
             raise ValueError(f"every prefix needs the same number of candidates, got sizes {sizes}")
         if sizes[0] < 2:
             raise ValueError(f"need at least 2 candidates per prefix, got {sizes[0]}")
-        if self.factuality is not None:
+        pivot_ref = self.quality is not None and self.quality_mode == "pivot" and self.pivot == "reference"
+        if self.factuality is not None or pivot_ref:
             if references is None:
-                raise ValueError("the factuality judge needs references (the original suffixes)")
+                need = "the factuality judge" if self.factuality is not None else "pivot='reference'"
+                raise ValueError(f"{need} needs references (the original suffixes)")
             if len(references) != batch:
                 raise ValueError(f"got {batch} prefixes but {len(references)} references")
         return batch, sizes[0]
@@ -124,13 +141,27 @@ class CombinedJudge:
         if len(verdicts) != expected:
             raise RuntimeError(f"the {name} judge returned {len(verdicts)} verdicts for {expected} items")
 
-    def _pairs(self, batch: int, num: int) -> tuple[list[tuple[int, int, int]], list[int]]:
-        """``(b, i, j)`` comparisons (``i`` shown first) and, in pivot mode, each prefix's pivot."""
+    def _note_unparseable(self, name: str, judge) -> None:
+        """Keep the component's last unparseable reply and its expected format (for error messages)."""
+        self.last_unparseable = getattr(judge, "last_unparseable", None)
+        fmt = getattr(judge, "expected_format", None) or "(not stated by the judge)"
+        self.expected_format = f"{name} judge ({type(judge).__name__}): {fmt}"
+
+    def _pairs(
+        self, candidates: Sequence[Sequence[str]], references: Sequence[str] | None, batch: int, num: int
+    ) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+        """``(b, i, j)`` comparisons (``i`` shown first; ``REF`` = the reference) and, in pivot mode,
+        the candidates of each prefix that score 0.5 as (or as equal to) the pivot."""
         pairs: list[tuple[int, int, int]] = []
-        pivots: list[int] = []
+        pivots: list[list[int]] = []
         for b in range(batch):
             if self.quality_mode == "all_pairs":
                 pairs += [(b, i, j) for i in range(num) for j in range(i + 1, num)]
+                continue
+            if self.pivot == "reference":
+                same = [c for c in range(num) if candidates[b][c] == references[b]]
+                pivots.append(same)
+                pairs += [(b, c, REF) for c in range(num) if c not in same]
                 continue
             if isinstance(self.pivot, int):
                 if not -num <= self.pivot < num:
@@ -139,25 +170,32 @@ class CombinedJudge:
             else:
                 pivot = {"first": 0, "last": num - 1}.get(self.pivot)
                 pivot = self._rng.randrange(num) if pivot is None else pivot
-            pivots.append(pivot)
+            pivots.append([pivot])
             pairs += [(b, c, pivot) for c in range(num) if c != pivot]
         if self.random_order:
             pairs = [(b, j, i) if self._rng.random() < 0.5 else (b, i, j) for b, i, j in pairs]
         return pairs, pivots
 
     def _quality(
-        self, prefixes: Sequence[str], candidates: Sequence[Sequence[str]], batch: int, num: int
+        self,
+        prefixes: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        references: Sequence[str] | None,
+        batch: int,
+        num: int,
     ) -> tuple[torch.Tensor, int, int]:
         """``[B, C]`` win rates, the number of comparisons and of unparseable ones."""
-        pairs, pivots = self._pairs(batch, num)
+        pairs, pivots = self._pairs(candidates, references, batch, num)
+        text = lambda b, i: references[b] if i == REF else candidates[b][i]  # noqa: E731
         verdicts = self.quality.compare(
             [prefixes[b] for b, _, _ in pairs],
-            [candidates[b][i] for b, i, _ in pairs],
-            [candidates[b][j] for b, _, j in pairs],
+            [text(b, i) for b, i, _ in pairs],
+            [text(b, j) for b, _, j in pairs],
         )
         self._check_len("quality", verdicts, len(pairs))
-        wins = torch.zeros(batch, num, dtype=torch.float64)
-        counts = torch.zeros(batch, num, dtype=torch.float64)
+        # column ``num`` collects the reference's verdicts (pivot mode), then is dropped
+        wins = torch.zeros(batch, num + 1, dtype=torch.float64)
+        counts = torch.zeros(batch, num + 1, dtype=torch.float64)
         unparseable = 0
         for (b, i, j), raw in zip(pairs, verdicts):
             v = _verdict(raw)
@@ -169,11 +207,12 @@ class CombinedJudge:
             counts[b, i] += 1
             counts[b, j] += 1
         rates = torch.where(counts > 0, wins / counts.clamp(min=1), torch.full_like(wins, _NAN))
-        # pivot mode: a candidate's score is its one verdict against the pivot; the pivot scores
-        # 0.5 (nan when not one of its comparisons could be parsed)
-        for b, pivot in enumerate(pivots):
-            rates[b, pivot] = 0.5 if counts[b, pivot] > 0 else _NAN
-        return rates.float(), len(pairs), unparseable
+        # pivot mode: a candidate's score is its one verdict against the pivot; the pivot (and a
+        # candidate identical to the reference) scores 0.5, nan when no comparison of its prefix
+        # could be parsed (it must not be the one scored candidate of a judge that fails)
+        for b, same in enumerate(pivots):
+            rates[b, same] = 0.5 if counts[b].sum() > 0 else _NAN
+        return rates[:, :num].float(), len(pairs), unparseable
 
     def _pointwise(
         self,
@@ -204,7 +243,7 @@ class CombinedJudge:
         components: dict[str, torch.Tensor] = {}
         stats: dict[str, float] = {}
         if self.quality is not None:
-            components["quality"], calls, bad = self._quality(prefixes, candidates, batch, num)
+            components["quality"], calls, bad = self._quality(prefixes, candidates, references, batch, num)
             stats["quality_calls"], stats["quality_unparseable"] = calls, bad
         if self.factuality is not None:
             components["factuality"], calls, bad = self._pointwise(
@@ -216,6 +255,9 @@ class CombinedJudge:
                 "safety", self.safety, prefixes, candidates, None, batch, num
             )
             stats["safety_calls"], stats["safety_unparseable"] = calls, bad
+        for name in components:
+            if stats[f"{name}_unparseable"]:
+                self._note_unparseable(name, getattr(self, name))
         total = torch.zeros(batch, num, dtype=torch.float32)
         for name, scores in components.items():
             if self.weights[name] != 0:

@@ -1,16 +1,20 @@
 """Prompted LLM judges and rewriter (Self-Improving Pretraining), on any :class:`ChatBackend`.
 
-* :class:`LLMPairwiseJudge`: quality, "Option 1" / "Option 2" (optionally asked in both orders);
+* :class:`LLMPairwiseJudge`: quality, "Option 1" / "Option 2" (options in a seeded random order, or
+  asked in both orders);
 * :class:`LLMFactualityJudge`: hallucination against the original suffix, 1 / 0.5 / 0;
 * :class:`LLMSafetyJudge`: "FINAL DECISION: YES/NO" sampled ``repeats`` times, the share of YES;
 * :class:`LLMRewriter`: a factual, safe rewrite of the suffix (or a verbatim copy).
 
 Each keeps ``stats``: ``prompts`` sent, ``answers`` read, ``unparseable`` answers and
-``no_verdict`` items (those returned as ``None``).
+``no_verdict`` items (those returned as ``None``), ``last_unparseable`` (the last raw answer that
+could not be parsed, ``None`` before any) and ``expected_format`` (what a parseable answer looks
+like): a training run that gets no usable verdict reports both.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 from lit_selfimprove.judges.backends import ChatBackend
@@ -49,6 +53,7 @@ class _LLMJudge:
 
     fields: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
+    expected_format: str = ""
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class _LLMJudge:
         self.max_tokens = max_tokens
         self.max_prefix_chars = max_prefix_chars
         self.stats: dict[str, int] = {"prompts": 0, "answers": 0, "unparseable": 0, "no_verdict": 0}
+        self.last_unparseable: str | None = None
 
     def prompt(self, **values: str) -> str:
         if "prefix" in values:
@@ -89,26 +95,38 @@ class _LLMJudge:
 
     def _verdicts(self, answers: list[list[str]], parse) -> list[list[float | None]]:
         parsed = [[parse(a) for a in row] for row in answers]
-        self.stats["unparseable"] += sum(v is None for row in parsed for v in row)
+        bad = [a for row, verdicts in zip(answers, parsed) for a, v in zip(row, verdicts) if v is None]
+        self.stats["unparseable"] += len(bad)
+        if bad:
+            self.last_unparseable = bad[-1]
         return parsed
 
 
 class LLMPairwiseJudge(_LLMJudge):
     """Which of two continuations is better (quality), as a :class:`PairwiseJudge`.
 
+    Judges tend to prefer one position; by default each comparison shows the two texts in a
+    random order (the verdict is mapped back), so that the bias becomes noise instead of
+    favouring ``firsts`` (e.g. every rollout compared with the suffix) systematically.
+
     Args:
         backend: the chat backend (``class_path:`` in YAML).
         template: prompt with ``{first}``, ``{second}`` and optionally ``{prefix}``.
-        both_orders: also ask with the options swapped and average the two verdicts (1, 0.5
-            when they disagree, or 0); ``None`` if either is unparseable. Halves position bias
-            at twice the cost.
+        both_orders: ask in both orders and average the two verdicts (1, 0.5 when they
+            disagree, or 0); ``None`` if either is unparseable. Cancels position bias at twice
+            the cost (``random_order`` is then not used).
         temperature / top_p / max_tokens: sampling of the judge's answer (reasoning models need
             room to think before the verdict).
         max_prefix_chars: show only the end of longer prefixes.
+        random_order: show each pair as "Option 1" / "Option 2" in a random order (default);
+            ``False``: ``firsts`` is always "Option 1".
+        seed: seed of the order draws. One stream per judge, continued over calls: a run
+            repeats exactly for a fixed seed (it restarts with the process, e.g. on resume).
     """
 
     fields = ("prefix", "first", "second")
     required = ("first", "second")
+    expected_format = 'a last line "Option 1" or "Option 2" (or "Answer: Option N")'
 
     def __init__(
         self,
@@ -119,9 +137,14 @@ class LLMPairwiseJudge(_LLMJudge):
         top_p: float = 1.0,
         max_tokens: int = 512,
         max_prefix_chars: int | None = None,
+        random_order: bool = True,
+        seed: int = 0,
     ):
         super().__init__(backend, template, temperature, top_p, max_tokens, max_prefix_chars)
         self.both_orders = both_orders
+        self.random_order = random_order
+        # salted: a CombinedJudge with the same seed draws a different stream (no cancelling swaps)
+        self._rng = random.Random(f"{type(self).__name__}/{seed}")
 
     def compare(
         self,
@@ -131,13 +154,17 @@ class LLMPairwiseJudge(_LLMJudge):
     ) -> list[float | None]:
         """``1.0`` first better, ``0.0`` second better (``0.5``: the two orders disagree), ``None``."""
         size = _same_length(prefixes=prefixes, firsts=firsts, seconds=seconds)
-        prompts = [self.prompt(prefix=p, first=a, second=b) for p, a, b in zip(prefixes, firsts, seconds)]
+        random_order = self.random_order and not self.both_orders
+        swap = [random_order and self._rng.random() < 0.5 for _ in range(size)]
+        shown = [(b, a) if s else (a, b) for a, b, s in zip(firsts, seconds, swap)]
+        prompts = [self.prompt(prefix=p, first=a, second=b) for p, (a, b) in zip(prefixes, shown)]
         if self.both_orders:
             prompts += [
                 self.prompt(prefix=p, first=b, second=a) for p, a, b in zip(prefixes, firsts, seconds)
             ]
         verdicts = [row[0] for row in self._verdicts(self._ask(prompts), parse_pairwise)]
-        out: list[float | None] = verdicts[:size]
+        # a verdict on a swapped pair is about the other text: map it back
+        out = [1.0 - v if s and v is not None else v for v, s in zip(verdicts[:size], swap)]
         if self.both_orders:
             out = [
                 None if fwd is None or bwd is None else (fwd + (1.0 - bwd)) / 2
@@ -161,6 +188,10 @@ class LLMFactualityJudge(_LLMJudge):
 
     fields = ("prefix", "continuation", "reference")
     required = ("continuation", "reference")
+    expected_format = (
+        'a line "FINAL VERDICT: NO HALLUCINATION", "FINAL VERDICT: POSSIBLE HALLUCINATION" or '
+        '"FINAL VERDICT: DEFINITE HALLUCINATION"'
+    )
 
     def __init__(
         self,
@@ -209,6 +240,7 @@ class LLMSafetyJudge(_LLMJudge):
 
     fields = ("prefix", "continuation")
     required = ("continuation",)
+    expected_format = 'a line "FINAL DECISION: YES" (safe) or "FINAL DECISION: NO"'
 
     def __init__(
         self,
@@ -247,8 +279,8 @@ class LLMRewriter(_LLMJudge):
 
     As in the paper, the rewrite is seeded with the last ``seed_words`` words of the prefix: the
     prompt asks the model to start with them (``{seed}``) and they are cut from the start of
-    the answer (see :meth:`strip_seed`). An empty answer (or one that is only the seed) gives back the original suffix
-    and is counted in ``stats["unparseable"]``.
+    the answer (see :meth:`strip_seed`). An empty answer (or one that is only the seed) gives
+    back the original suffix and is counted in ``stats["unparseable"]``.
 
     Args:
         backend: the chat backend.
@@ -263,6 +295,7 @@ class LLMRewriter(_LLMJudge):
 
     fields = ("prefix", "suffix", "seed", "max_tokens")
     required = ("suffix",)
+    expected_format = "the rewritten suffix (not empty)"
 
     def __init__(
         self,
@@ -315,6 +348,7 @@ class LLMRewriter(_LLMJudge):
             if not text.strip():
                 self.stats["unparseable"] += 1
                 self.stats["no_verdict"] += 1
+                self.last_unparseable = row[0]
                 text = suffix
             out.append(text)
         return out

@@ -6,15 +6,22 @@ also when every prefix of the step is skipped and nothing is updated):
 1. sample ``num_rollouts`` continuations per prefix from the policy;
 2. candidates = the rollouts + the original suffix + a rewritten suffix (each optional);
 3. the injected judge scores every candidate (the original suffix is the reference);
-4. per prefix: chosen = best, rejected = worst total score (``nan`` left out; all-equal
-   prefixes skipped; ties broken by a seeded random choice);
+4. per prefix: chosen = best, rejected = worst total score (``nan`` left out; ties broken by a
+   seeded random choice). DPO skips prefixes without two different scores, RF-NLL (which needs
+   no rejected candidate) only those without any score;
 5. loss: DPO on (chosen, rejected) against a frozen reference, or RF-NLL on chosen;
-6. manual backward, gradient clipping, optimizer and LR-scheduler step.
+6. manual backward, gradient clipping, optimizer and LR-scheduler step;
+7. a judge whose verdicts are mostly unparseable, or that leaves most prefixes skipped, is
+   reported on the console and, when it lasts, stops the run (``fail_after_steps``).
 
 Batches come from a prefix-suffix data module: ``prefix_ids`` / ``prefix_mask`` ``[B, P]``
 LEFT-padded, ``suffix_ids`` / ``suffix_mask`` ``[B, N]`` RIGHT-padded, and the lists
 ``prefix_text``, ``suffix_text``, ``doc_id``. Validation samples one continuation per held-out
 prefix and judges it against the original suffix (``val/quality_win_vs_suffix``, ...).
+
+Candidate tokens always continue the prefix's tokens: rollouts are sampled after them, the
+suffix is the document's next tokens, and a rewrite is tokenized in the context of its prefix
+(see :func:`tokenize_after`).
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
-from lit_selfimprove.modeling import frozen_copy, load_causal_lm, load_tokenizer, shard_model
+from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import data_parallel_rank, on_device
 from lit_selfimprove.modules.next_token import cosine_schedule
 from lit_selfimprove.rl.logprobs import sequence_logprobs
@@ -46,11 +54,12 @@ BATCH_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_
 # --------------------------------------------------------------------------- selection
 @dataclass
 class Selection:
-    """Chosen / rejected candidate per prefix (``-1`` where the prefix is skipped)."""
+    """Chosen / rejected candidate per prefix (``-1`` where the prefix is skipped, and the
+    rejected one where there is none: RF-NLL on a prefix whose scores are all equal)."""
 
     chosen: Tensor  # [B] long
     rejected: Tensor  # [B] long
-    valid: Tensor  # [B] bool: a (chosen, rejected) pair was formed
+    valid: Tensor  # [B] bool: the prefix is trained (a chosen, and for DPO a rejected candidate)
     tie_best: Tensor  # [B] bool: several candidates shared the best score
     tie_worst: Tensor  # [B] bool: several candidates shared the worst score
 
@@ -62,13 +71,18 @@ def _pick(indices: Tensor, generator: torch.Generator | None) -> int:
     return int(indices[torch.randint(len(indices), (1,), generator=generator)])
 
 
-def select_pairs(total: Tensor, generator: torch.Generator | None = None, atol: float = 1e-6) -> Selection:
+def select_pairs(
+    total: Tensor, generator: torch.Generator | None = None, atol: float = 1e-6, need_rejected: bool = True
+) -> Selection:
     """Per row of ``total`` ``[B, C]``: chosen = argmax, rejected = argmin, ``nan`` excluded.
 
-    A row with fewer than two scored candidates, or whose scores are all equal (within
-    ``atol``: win rates computed in floating point), carries no preference and is skipped.
-    Several candidates sharing the best (worst) score are a tie, broken uniformly at random
-    with ``generator`` (a fixed order would favour, e.g., rollout 0 or the suffix).
+    ``need_rejected`` (DPO): a row with fewer than two scored candidates, or whose scores are
+    all equal (within ``atol``: win rates computed in floating point), carries no preference and
+    is skipped. ``need_rejected=False`` (RF-NLL, which trains on the best candidate only): only
+    a row without any score is skipped; where all scores are equal, every candidate is a best
+    one and no rejected one is named (``-1``). Several candidates sharing the best (worst) score
+    are a tie, broken uniformly at random with ``generator`` (a fixed order would favour, e.g.,
+    rollout 0 or the suffix).
     """
     if total.ndim != 2:
         raise ValueError(f"total must be [B, C], got {tuple(total.shape)}")
@@ -81,15 +95,17 @@ def select_pairs(total: Tensor, generator: torch.Generator | None = None, atol: 
     for b in range(rows):
         row = total[b]
         scored = ~torch.isnan(row)
-        if int(scored.sum()) < 2:
+        if not scored.any():
             continue
         hi, lo = float(row[scored].max()), float(row[scored].min())
-        if hi - lo <= atol:
+        spread = hi - lo > atol
+        if need_rejected and not spread:
             continue
         best = (scored & (row >= hi - atol)).nonzero().flatten()
-        worst = (scored & (row <= lo + atol)).nonzero().flatten()
-        chosen[b], rejected[b] = _pick(best, generator), _pick(worst, generator)
-        tie_best[b], tie_worst[b] = len(best) > 1, len(worst) > 1
+        chosen[b], tie_best[b] = _pick(best, generator), len(best) > 1
+        if spread:
+            worst = (scored & (row <= lo + atol)).nonzero().flatten()
+            rejected[b], tie_worst[b] = _pick(worst, generator), len(worst) > 1
     return Selection(chosen, rejected, chosen >= 0, tie_best, tie_worst)
 
 
@@ -101,6 +117,24 @@ class Candidates:
     mask: Tensor  # [B, C, T] 1 for real tokens
     texts: list[list[str]]  # [B][C] what the judge reads
     sources: list[str]  # [C] "rollout" | "suffix" | "rewrite"
+    unaligned_rewrites: int = 0  # rewrites left out: no tokens continue the prefix's with their text
+
+
+def tokenize_after(
+    tokenizer, prefixes: list[str], texts: list[str]
+) -> list[tuple[list[int], list[int] | None]]:
+    """``(prefix tokens, text tokens)`` per pair: the tokens of ``prefix + text`` after the prefix's own.
+
+    A text tokenized on its own may start differently than in context: with SentencePiece-style
+    tokenizers a leading space is part of the next token (``"France" + ". It"``: ``. ▁It`` in
+    context, but ``▁ . ▁It`` alone). The text tokens are ``None`` when the text changes the
+    prefix's last tokens (``"... Tal" + "va"`` is one token ``▁Talva``): then no tokens continue
+    the prefix's tokens with exactly that text.
+    """
+    kw = {"add_special_tokens": False, "verbose": False}
+    heads = tokenizer(list(prefixes), **kw)["input_ids"]
+    joints = tokenizer([p + t for p, t in zip(prefixes, texts)], **kw)["input_ids"]
+    return [(h, j[len(h) :] if j[: len(h)] == h else None) for h, j in zip(heads, joints)]
 
 
 def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
@@ -129,6 +163,11 @@ def _nanmean(x: Tensor) -> float:
     return float(x.mean()) if x.numel() else math.nan
 
 
+def _clip(text: str, size: int = 300) -> str:
+    """``text``, or its start and end (where a verdict would be) when longer than ``size``."""
+    return text if len(text) <= size else f"{text[: size // 2]} [...] {text[-size // 2 :]}"
+
+
 class SuffixPolicyDPO(LightningModule):
     """Online DPO / RF-NLL of a causal LM on prefix -> suffix, supervised by a judge.
 
@@ -140,9 +179,11 @@ class SuffixPolicyDPO(LightningModule):
         rewriter: a :class:`~lit_selfimprove.judges.Rewriter`; needed by ``include_rewrite``.
         num_rollouts: K policy rollouts per prefix (paper: 16; 0 = suffix vs rewrite only).
         include_suffix: the original suffix is a candidate.
-        include_rewrite: the rewritten suffix (cut to the batch's suffix length) is a candidate.
+        include_rewrite: the rewritten suffix (tokenized after its prefix, cut to the batch's
+            suffix length) is a candidate.
         loss: ``dpo`` (chosen vs rejected, against a frozen reference) or ``rf_nll``
-            (reward-filtered NLL on the chosen candidate; no reference model is kept).
+            (reward-filtered NLL on the chosen candidate, also where all candidates tie; no
+            reference model is kept).
         beta: DPO temperature (not stated in the paper).
         max_new_tokens: rollout length (default: the batch's suffix length N).
         temperature: sampling temperature of the rollouts (paper: 1.0).
@@ -155,7 +196,9 @@ class SuffixPolicyDPO(LightningModule):
         micro_batch_size: prefixes (pairs) per forward/backward; ``None``: the whole batch.
         val_temperature: sampling temperature of the validation continuation.
         val_max_new_tokens: validation continuation length (default: as in training).
-        dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPUs).
+        dtype: compute dtype (bf16 via FSDP2 MixedPrecisionPolicy or Trainer precision
+            bf16-mixed) and storage dtype of the frozen reference; the trained policy always
+            keeps float32 master weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
         lora: ``peft.LoraConfig`` kwargs.
@@ -165,6 +208,15 @@ class SuffixPolicyDPO(LightningModule):
         log_samples_every: append prefixes, candidates, scores and the pair to
             ``samples.jsonl`` in the log dir every N steps (0: never).
         num_log_samples: prefixes written each time.
+        max_unparseable_frac: a step in which more than this share of the judge's verdicts
+            (``stats["unparseable"] / stats["calls"]``, summed over ranks) cannot be parsed is a
+            bad step.
+        max_skipped_frac: a step in which more than this share of the prefixes is skipped (no
+            pair / no scored candidate: nothing learned from them) is a bad step.
+        fail_after_steps: the first bad step after good ones warns on the console (the judge's
+            class, the shares, its last unparseable reply and the expected format when it exposes
+            them); this many bad steps in a row stop the run with a ``RuntimeError`` saying the
+            same (``None``: only warn). A healthy run never comes near the defaults.
     """
 
     def __init__(
@@ -196,6 +248,9 @@ class SuffixPolicyDPO(LightningModule):
         seed: int | None = None,
         log_samples_every: int = 50,
         num_log_samples: int = 2,
+        max_unparseable_frac: float = 0.9,
+        max_skipped_frac: float = 0.9,
+        fail_after_steps: int | None = 20,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -210,6 +265,10 @@ class SuffixPolicyDPO(LightningModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+        if not (0 <= max_unparseable_frac <= 1 and 0 <= max_skipped_frac <= 1):
+            raise ValueError("max_unparseable_frac and max_skipped_frac must be in [0, 1]")
+        if fail_after_steps is not None and fail_after_steps < 1:
+            raise ValueError(f"fail_after_steps must be >= 1 or None, got {fail_after_steps}")
         self.save_hyperparameters(ignore=["judge", "rewriter"])
         self.automatic_optimization = False
         # judge / rewriter may be nn.Modules (local HF models): a plain dict keeps them out of
@@ -220,6 +279,7 @@ class SuffixPolicyDPO(LightningModule):
         self._frozen: dict[str, torch.nn.Module] = {}  # DPO reference: kept out of state_dict
         self.last_selection: dict[str, float] | None = None  # read by SelectionStats
         self._eval_sums: dict[str, list[float]] = {}
+        self._bad_judge_steps = 0  # consecutive steps with unusable verdicts
 
     @property
     def judge(self) -> CandidateJudge:
@@ -242,21 +302,20 @@ class SuffixPolicyDPO(LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = load_causal_lm(
+        self.policy, ref = load_trained_model(
             hp.model,
             dtype=hp.dtype,
             attn_implementation=hp.attn_implementation,
             quantization=hp.quantization,
             lora=hp.lora,
+            reference=hp.loss == "dpo",
+            device_mesh=getattr(self, "device_mesh", None),
         )
-        self.policy.train()
-        if hp.loss == "dpo":
-            self._frozen["ref"] = frozen_copy(self.policy)
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is not None:  # ModelParallelStrategy: FSDP2
-            shard_model(self.policy, mesh)
-            if "ref" in self._frozen:
-                shard_model(self._frozen["ref"], mesh)
+        if ref is not None:
+            self._frozen["ref"] = ref
+
+    def on_fit_start(self) -> None:
+        warn_if_half_trainable("SuffixPolicyDPO", self.policy)
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -321,8 +380,8 @@ class SuffixPolicyDPO(LightningModule):
                 f"judge returned total {tuple(total.shape)}, expected {(len(prefixes), len(cands.sources))}"
             )
         total[cands.mask.sum(-1).cpu() == 0] = math.nan  # an empty continuation teaches nothing
-        # 4. chosen = best, rejected = worst
-        sel = select_pairs(total, self._generator("select", step, "cpu"))
+        # 4. chosen = best, rejected = worst (RF-NLL: a best one is enough)
+        sel = select_pairs(total, self._generator("select", step, "cpu"), need_rejected=hp.loss == "dpo")
         counts = self._selection_counts(sel, cands.sources, step)
         # 5.-6. loss, backward, clip, step (no update, but counters step, when no pair anywhere)
         lr = sched.get_last_lr()[0]  # the rate this step's update uses
@@ -333,6 +392,8 @@ class SuffixPolicyDPO(LightningModule):
         every = hp.log_samples_every
         if every and step % every == 0:
             self._write_samples(batch, cands, total, scores, sel, step)
+        # 7. a judge that gives nothing usable must not go unnoticed
+        self._check_judge(scores, counts, step)
 
     def build_candidates(self, batch: dict, rollouts: Rollouts | None) -> Candidates:
         """Tokens and texts of every candidate; all continue the prefix, at most max(L, N) tokens."""
@@ -353,8 +414,9 @@ class SuffixPolicyDPO(LightningModule):
             parts_mask.append(suffix_mask[:, None])
             for b in range(rows):
                 texts[b].append(batch["suffix_text"][b])
+        unaligned = 0
         if hp.include_rewrite:
-            ids, mask, rewritten = self._rewrite(batch, suffix_ids.shape[1])
+            ids, mask, rewritten, unaligned = self._rewrite(batch, suffix_ids.shape[1])
             parts_ids.append(ids[:, None].to(suffix_ids.device))
             parts_mask.append(mask[:, None].to(suffix_ids.device))
             for b in range(rows):
@@ -362,28 +424,36 @@ class SuffixPolicyDPO(LightningModule):
         length = max(p.shape[-1] for p in parts_ids)
         ids = torch.cat([_pad_to(p, length, pad) for p in parts_ids], dim=1)
         mask = torch.cat([_pad_to(p.long(), length, 0) for p in parts_mask], dim=1)
-        return Candidates(ids, mask, texts, self.sources)
+        return Candidates(ids, mask, texts, self.sources, unaligned)
 
-    def _rewrite(self, batch: dict, max_tokens: int) -> tuple[Tensor, Tensor, list[str]]:
-        """The rewriter's suffixes, re-tokenized and cut to ``max_tokens`` (the judge reads the cut text)."""
+    def _rewrite(self, batch: dict, max_tokens: int) -> tuple[Tensor, Tensor, list[str], int]:
+        """The rewriter's suffixes as tokens after their prefix's (:func:`tokenize_after`), cut to
+        ``max_tokens`` (the judge reads the cut text), and the number left out (no tokens, so no
+        score) because their text changes the prefix's last tokens."""
+        tok = self.tokenizer
         prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
         rewritten = [str(t) for t in self.rewriter.rewrite(prefixes, suffixes)]
         if len(rewritten) != len(prefixes):
             raise ValueError(f"rewriter returned {len(rewritten)} texts for {len(prefixes)} prefixes")
-        token_lists = self.tokenizer(rewritten, add_special_tokens=False)["input_ids"]
-        ids = torch.full((len(rewritten), max_tokens), self.tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(rewritten), max_tokens), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        texts = []
-        for b, (text, toks) in enumerate(zip(rewritten, token_lists)):
-            toks = toks[:max_tokens]
-            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            mask[b, : len(toks)] = 1
-            cut = len(toks) < len(token_lists[b])
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True) if cut else text)
-        return ids, mask, texts
+        texts, unaligned = list(rewritten), 0
+        for b, (head, toks) in enumerate(tokenize_after(tok, prefixes, rewritten)):
+            if toks is None:
+                unaligned += 1
+                continue
+            kept = toks[:max_tokens]
+            ids[b, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+            mask[b, : len(kept)] = 1
+            if len(kept) < len(toks):  # cut: the text of the kept tokens, read after the prefix
+                kw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+                full, base = tok.decode(head + kept, **kw), tok.decode(head, **kw)
+                texts[b] = full[len(base) :] if full.startswith(base) else tok.decode(kept, **kw)
+        return ids, mask, texts, unaligned
 
     def _selection_counts(self, sel: Selection, sources: list[str], step: int) -> dict[str, float]:
-        """Chosen / rejected source counts summed over ranks (``last_selection``, ``select/*``)."""
+        """Chosen / rejected source counts summed over ranks (``last_selection``, ``select/*``);
+        ``pairs`` counts the trained prefixes (RF-NLL: those with a chosen candidate)."""
         names = ["prefixes", "pairs", "skipped", "ties_best", "ties_worst"]
         values = [len(sel.valid), int(sel.valid.sum()), int((~sel.valid).sum())]
         values += [int(sel.tie_best.sum()), int(sel.tie_worst.sum())]
@@ -396,6 +466,48 @@ class SuffixPolicyDPO(LightningModule):
         counts = dict(zip(names, summed))
         self.last_selection = {"step": float(step), **counts}
         return counts
+
+    def _check_judge(self, scores: CandidateScores, counts: dict[str, float], step: int) -> None:
+        """Warn when this step's verdicts are mostly unparseable or its prefixes mostly skipped, and
+        stop after ``fail_after_steps`` such steps in a row (counts summed over ranks: all agree)."""
+        hp = self.hparams
+        judged = [float(scores.stats.get("unparseable", 0)), float(scores.stats.get("calls", 0))]
+        bad, calls = _all_reduce(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
+        skipped, prefixes = counts["skipped"], counts["prefixes"]
+        problems = []
+        if calls > 0 and bad / calls > hp.max_unparseable_frac:
+            problems.append(
+                f"{bad / calls:.0%} of the judge's verdicts were unparseable ({bad:.0f}/{calls:.0f})"
+            )
+        if prefixes > 0 and skipped / prefixes > hp.max_skipped_frac:
+            problems.append(
+                f"{skipped / prefixes:.0%} of the prefixes were skipped ({skipped:.0f}/{prefixes:.0f}: "
+                "nothing learned from them)"
+            )
+        self._bad_judge_steps = self._bad_judge_steps + 1 if problems else 0
+        if not problems:
+            return
+        judge = self.judge
+        about = f"Judge: {type(judge).__name__}"
+        reply, expected = getattr(judge, "last_unparseable", None), getattr(judge, "expected_format", None)
+        if reply is not None:
+            about += f"; last unparseable reply: {_clip(reply)!r}"
+        if expected:
+            about += f"; expected: {expected}"
+        what = " and ".join(problems)
+        limits = (
+            f"max_unparseable_frac={hp.max_unparseable_frac}, max_skipped_frac={hp.max_skipped_frac}, "
+            f"fail_after_steps={hp.fail_after_steps}"
+        )
+        n = hp.fail_after_steps
+        if n and self._bad_judge_steps >= n:
+            raise RuntimeError(
+                f"SuffixPolicyDPO: stopping at step {step}, {n} consecutive steps in which {what}. {about}. "
+                f"Check the judge's endpoint, model and prompt template ({limits})."
+            )
+        if self._bad_judge_steps == 1:
+            stop = f"stops after {n} such steps in a row" if n else "goes on"
+            rank_zero_warn(f"SuffixPolicyDPO step {step}: {what}. {about}. The run {stop} ({limits}).")
 
     # ------------------------------------------------------------------------------ loss
     def _pair_sequences(self, batch: dict, cands: Candidates, rows: list[int], cols: Tensor):
@@ -457,9 +569,9 @@ class SuffixPolicyDPO(LightningModule):
         rejected = sel.rejected[index].clamp(min=0)
         n = len(rows)
         ids, attn, cmask = self._pair_sequences(batch, cands, rows + rows, torch.cat([chosen, rejected]))
-        logps = sequence_logprobs(self.policy, ids, attn, cmask)
-        with torch.no_grad():
-            ref_logps = sequence_logprobs(self.ref_model, ids, attn, cmask).sum(-1)
+        logps = sequence_logprobs(self.policy, ids, attn, cmask).float()
+        with torch.no_grad():  # the reference may be stored in another dtype: compare in float32
+            ref_logps = sequence_logprobs(self.ref_model, ids, attn, cmask).float().sum(-1)
         seq = logps.sum(-1)
         loss, _ = dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta=self.hparams.beta)
         stats = {
@@ -507,11 +619,9 @@ class SuffixPolicyDPO(LightningModule):
             for s in dict.fromkeys(sources):
                 cols = [i for i, x in enumerate(sources) if x == s]
                 metrics[f"judge/{name}_{s}"] = _nanmean(table[:, cols])
-        valid = sel.valid
-        if valid.any():
-            r = valid.nonzero().flatten()
-            metrics["judge/score_chosen"] = _nanmean(total[r, sel.chosen[r]])
-            metrics["judge/score_rejected"] = _nanmean(total[r, sel.rejected[r]])
+        for name, picked in (("chosen", sel.chosen), ("rejected", sel.rejected)):
+            r = (picked >= 0).nonzero().flatten()
+            metrics[f"judge/score_{name}"] = _nanmean(total[r, picked[r]])
         for k, v in scores.stats.items():
             metrics[f"judge/{k}"] = float(v)
         pairs = counts["pairs"]
@@ -521,6 +631,8 @@ class SuffixPolicyDPO(LightningModule):
                 metrics[f"select/rejected_{s}"] = counts[f"rejected_{s}"] / pairs
         for k in ("pairs", "skipped", "ties_best", "ties_worst"):
             metrics[f"select/{k}"] = counts[k]
+        if self.hparams.include_rewrite:
+            metrics["train/rewrite_unaligned"] = float(cands.unaligned_rewrites)
         if rollouts is not None:
             metrics["train/rollout_len"] = float(rollouts.lengths.float().mean())
             metrics["train/rollout_finished"] = float(rollouts.finished.float().mean())
@@ -547,7 +659,7 @@ class SuffixPolicyDPO(LightningModule):
                 entry = {"source": cands.sources[c], "text": text, "score": float(total[b, c])}
                 entry.update({k: float(v[b, c]) for k, v in components.items()})
                 candidates.append(entry)
-            ok = bool(sel.valid[b])
+            ok, has_rejected = bool(sel.valid[b]), int(sel.rejected[b]) >= 0
             rows.append(
                 {
                     "step": step,
@@ -556,7 +668,7 @@ class SuffixPolicyDPO(LightningModule):
                     "suffix": batch["suffix_text"][b],
                     "candidates": candidates,
                     "chosen": int(sel.chosen[b]) if ok else None,
-                    "rejected": int(sel.rejected[b]) if ok else None,
+                    "rejected": int(sel.rejected[b]) if has_rejected else None,
                     "tie_best": bool(sel.tie_best[b]),
                     "tie_worst": bool(sel.tie_worst[b]),
                 }

@@ -1,0 +1,92 @@
+"""A judge that answers nothing usable must not train nothing silently.
+
+Against an endpoint that answers "I like turtles." every verdict is unparseable and every
+prefix is skipped: SuffixPolicyDPO warns on the console (judge, share, a sample reply, the
+expected format) and, after ``fail_after_steps`` such steps in a row, stops with an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from lit_selfimprove.judges import CombinedJudge, LLMFactualityJudge, LLMPairwiseJudge
+from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO
+from tests._dist_sip_script import ToyPrefixSuffixData, toy_documents
+from tests.test_judge_endpoint import backend_for, serve  # noqa: F401  (a real local HTTP server)
+from tests.test_judges import ScriptedBackend
+from tests.test_suffix_policy_dpo import _metrics, _trainer
+
+TURTLES = "I like turtles."
+
+
+def _fit(module: SuffixPolicyDPO, tmp_path, steps: int, caught: list[str]):
+    """Fit ``steps`` steps; the module's judge warnings are appended to ``caught`` (also on an error)."""
+    trainer = _trainer(tmp_path, steps)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(module, ToyPrefixSuffixData(toy_documents(2 * steps), batch_size=2))
+        finally:
+            caught += [str(w.message) for w in record if "judge" in str(w.message)]
+    return trainer
+
+
+def test_unparseable_judge_over_http_warns_then_stops(tiny_random_lm, tmp_path, serve):  # noqa: F811
+    server = serve(lambda body, index: (200, [TURTLES] * body.get("n", 1)))
+    judge = CombinedJudge(quality=LLMPairwiseJudge(backend_for(server)))
+    module = SuffixPolicyDPO(
+        tiny_random_lm, judge=judge, num_rollouts=2, warmup_steps=0, log_samples_every=0, fail_after_steps=3
+    )
+    caught: list[str] = []
+    with pytest.raises(RuntimeError) as info:
+        _fit(module, tmp_path, 10, caught)
+    message = str(info.value)
+    for part in ("LLMPairwiseJudge", "3 consecutive steps", TURTLES, "Option 1", "fail_after_steps"):
+        assert part in message, (part, message)
+    # 3 steps of 2 prefixes x 3 pairs (2 rollouts + the suffix) were judged, then the run stopped
+    assert len(server.requests) == 3 * 2 * 3
+    (warning,) = caught  # once, when the trouble started
+    for part in ("LLMPairwiseJudge", "100%", "unparseable", "skipped", TURTLES, "Option 1"):
+        assert part in warning, (part, warning)
+
+
+def test_unparseable_judge_warns_without_stopping_when_disabled(tiny_random_lm, tmp_path):
+    backend = ScriptedBackend(lambda prompt, k: TURTLES)
+    judge = CombinedJudge(factuality=LLMFactualityJudge(backend))
+    module = SuffixPolicyDPO(
+        tiny_random_lm,
+        judge=judge,
+        num_rollouts=2,
+        loss="rf_nll",
+        warmup_steps=0,
+        log_samples_every=0,
+        fail_after_steps=None,
+    )
+    caught: list[str] = []
+    trainer = _fit(module, tmp_path, 4, caught)
+    assert trainer.global_step == 4
+    assert len(caught) == 1 and "LLMFactualityJudge" in caught[0] and "NO HALLUCINATION" in caught[0]
+    assert _metrics(trainer)["select/skipped"] == [2.0] * 4
+
+
+def test_healthy_judge_does_not_warn(tiny_random_lm, tmp_path):
+    def answer(prompt, k):  # prefers the continuation with more vowels
+        first, second = (prompt.split(f"[Option {i}]\n")[1].split("\n\n")[0] for i in (1, 2))
+        vowels = [sum(c in "aeiou" for c in t) for t in (first, second)]
+        return "Option 1" if vowels[0] >= vowels[1] else "Option 2"
+
+    judge = CombinedJudge(quality=LLMPairwiseJudge(ScriptedBackend(answer)))
+    module = SuffixPolicyDPO(
+        tiny_random_lm,
+        judge=judge,
+        num_rollouts=3,
+        warmup_steps=0,
+        log_samples_every=0,
+        max_skipped_frac=0.6,
+        fail_after_steps=1,
+    )
+    caught: list[str] = []
+    trainer = _fit(module, tmp_path, 3, caught)
+    assert trainer.global_step == 3 and caught == []
