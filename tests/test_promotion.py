@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, clone_state, make_module, same_state
 
-from lit_selfimprove.callbacks import Promotion
+from lit_selfimprove.callbacks import Promotion, RunDirectory
 
 TESTS = Path(__file__).resolve().parent
 
@@ -61,7 +61,11 @@ class FakeStrategy:
 
 def fake_trainer(log_dir: Path, rank_zero: bool = True):
     return SimpleNamespace(
-        is_global_zero=rank_zero, log_dir=str(log_dir), default_root_dir=str(log_dir), strategy=FakeStrategy()
+        is_global_zero=rank_zero,
+        log_dir=str(log_dir),
+        default_root_dir=str(log_dir),
+        strategy=FakeStrategy(),
+        callbacks=[RunDirectory()],
     )
 
 
@@ -104,7 +108,9 @@ def drive(cb: Promotion, module: FakeModule, trainer, step: int, rewards: list[f
 
 # ------------------------------------------------------------------------ the rule
 def test_moving_average_rule_by_hand(tmp_path):
-    cb = Promotion(tau=0.25, window=3, save_students=False)
+    cb = Promotion(
+        tau=0.25, window=3, save_students=False, reset_after_promotion=False, require_improvement=False
+    )
     module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
     # Rbar = mean_k R_k: 0.5, 0.5 (window not full: no promotion even above tau)
     assert not drive(cb, module, trainer, 0, [0.25, 0.75])
@@ -136,6 +142,42 @@ def test_moving_average_rule_by_hand(tmp_path):
     assert len(cb.history) == 6
 
 
+def test_promotions_do_not_cascade(tmp_path):
+    """Rbar = [0, .02, .03, .03, -.02], tau .01, window 3: one promotion (the old rule made three,
+    the last with Rbar = -0.02, measured against the new baseline)."""
+    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
+    rbar = [0.0, 0.02, 0.03, 0.03, -0.02]
+    cb = Promotion(tau=0.01, window=3, save_students=False)
+    assert [drive(cb, module, trainer, s, [r, r]) for s, r in enumerate(rbar)] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    old = Promotion(
+        tau=0.01, window=3, save_students=False, reset_after_promotion=False, require_improvement=False
+    )
+    assert [drive(old, module, trainer, s, [r, r]) for s, r in enumerate(rbar)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+def test_no_promotion_without_a_student_that_beat_the_baseline(tmp_path):
+    """A full window above tau from earlier steps does not promote a step whose best R_k <= 0."""
+    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
+    cb = Promotion(tau=0.01, window=3, save_students=False, reset_after_promotion=False)
+    steps = [[0.06, 0.06], [0.05, 0.04], [-0.01, 0.0], [0.0, -0.02]]  # moving avg 0.03, then 0.0167
+    assert [drive(cb, module, trainer, s, r) for s, r in enumerate(steps)] == [False] * 4
+    assert cb.moving_average() == pytest.approx((0.045 - 0.005 - 0.01) / 3)
+    # the same with improvement: promoted
+    assert drive(cb, module, trainer, 4, [0.2, -0.1])
+
+
 def test_reset_after_promotion_needs_a_full_window_again(tmp_path):
     cb = Promotion(tau=0.0, window=2, reset_after_promotion=True, save_students=False)
     module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
@@ -160,8 +202,17 @@ def test_pq_file_and_saved_student(tiny_random_lm, tmp_path):
     assert drive(cb, module, trainer, 7, [0.1, 0.3, 0.2], states)
     assert same_state(states[1], student.state_dict())
     rows = [json.loads(line) for line in open(tmp_path / "promotion_questions.jsonl")]
+    run_id = trainer.callbacks[0].run_id
     assert rows == [
-        {"question": f"q7.1.{i}", "answer": "1", "step": 7, "promotion": 0, "dataset": 1, "reward": 0.3}
+        {
+            "question": f"q7.1.{i}",
+            "answer": "1",
+            "step": 7,
+            "promotion": 0,
+            "dataset": 1,
+            "reward": 0.3,
+            "run_id": run_id,
+        }
         for i in range(2)
     ]
     folder = tmp_path / "students" / "promotion_0_step_7"
@@ -173,6 +224,32 @@ def test_pq_file_and_saved_student(tiny_random_lm, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "promotion_questions.jsonl")]
     assert [(r["promotion"], r["step"], r["dataset"]) for r in rows] == [(0, 7, 1)] * 2 + [(1, 8, 0)] * 2
     assert (tmp_path / "students" / "promotion_1_step_8" / "config.json").exists()
+
+
+def test_a_full_disk_during_a_promotion_leaves_no_partial_student(tiny_random_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lit_selfimprove.modeling import load_tokenizer
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_random_lm)
+    module = FakeModule(student, load_tokenizer(tiny_random_lm))
+    states = [clone_state(student)] * 2
+
+    def disk_full(folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text("{")  # half written
+        raise OSError(28, "No space left on device")
+
+    student.save_pretrained = disk_full
+    cb = Promotion(tau=0.0, window=1)
+    with pytest.raises(OSError, match="No space"):
+        drive(cb, module, fake_trainer(tmp_path), 3, [0.1, 0.3], states)
+    assert not (tmp_path / "students" / "promotion_0_step_3").exists()  # nothing under the final name
+    # a resume from the checkpoint before removes the leftover
+    cb = Promotion(tau=0.0, window=1)
+    cb.load_state_dict({"history": [], "promotions": [], "pq_lines": 0, "last_step": 2})
+    cb._drop_unrecorded(tmp_path)
+    assert list((tmp_path / "students").iterdir()) == []
 
 
 def test_only_rank_zero_writes_but_every_rank_installs(tmp_path):
@@ -199,7 +276,7 @@ def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     drive(cb, module, trainer, 1, [1.0, 2.0])
     state = cb.state_dict()
     assert state == {
-        "history": [-1.5, 1.5],
+        "history": [],  # reset by the promotion
         "promotions": [{"step": 1, "dataset": 1, "reward": 2.0, "moving_avg": 1.5}],
         "pq_lines": 2,
         "last_step": 1,
@@ -233,7 +310,7 @@ def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_rando
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     baseline = clone_state(module.student)
-    cb = Promotion(tau=-2.0, window=1)  # R_k >= -1: always promote
+    cb = Promotion(tau=-2.0, window=1, require_improvement=False)  # R_k >= -1: always promote
     trainer = fit(module, tmp_path, callbacks=[cb])
     last = module.last_outer
     k_star = last["rewards"].index(max(last["rewards"]))
@@ -268,7 +345,7 @@ def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_rando
     fit(module2, tmp_path, [cb2], max_steps=2, ckpt_path=str(ckpt), version=0)  # the same log dir
     assert module2.last_outer["step"] == 1
     assert same_state(promoted, module2.student.state_dict())
-    assert cb2.count == 1 and cb2.pq_lines == 4 and len(cb2.history) == 2
+    assert cb2.count == 1 and cb2.pq_lines == 4 and len(cb2.history) == 1  # reset by the promotion
     assert len(open(log_dir / "promotion_questions.jsonl").readlines()) == 4  # nothing lost or duplicated
 
 
@@ -294,7 +371,7 @@ RUN_SCRIPT = textwrap.dedent(
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     callbacks = [
-        Promotion(tau=-2.0, window=1, save_students=False),
+        Promotion(tau=-2.0, window=1, save_students=False, require_improvement=False),
         Killer(),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=root + "/ckpt", every_n_train_steps=1, save_last=True),
     ]

@@ -1,18 +1,21 @@
 """Promotion: SOAR's rule that makes a trained student the new baseline and keeps its questions.
 
-After every outer step of :class:`~lit_selfimprove.modules.TeacherMetaRL`, Rbar_t = mean_k R_k
-is appended to a history. When the history holds at least ``window`` values (a full window: no
-promotion in the first ``window - 1`` outer steps, nor in the ``window - 1`` steps after a
-promotion when ``reset_after_promotion``) and the mean of the last ``window`` values exceeds
-``tau``, k* = argmax_k R_k is promoted:
+After every outer step of :class:`~lit_selfimprove.modules.TeacherMetaRL`, the rule of
+:class:`lit_selfimprove.rl.promotion.PromotionRule` decides: Rbar_t = mean_k R_k joins a history;
+when a full window of ``window`` values averages above ``tau`` and the best dataset k* = argmax_k
+R_k beat the baseline (R_k* > 0, ``require_improvement``), k* is promoted, and the history starts
+afresh (``reset_after_promotion``: the rewards before were measured against the weaker baseline;
+kept, they promote again one or two steps later even when every new reward is <= 0):
 
 * the module's kept median-reward trained student of dataset k* is loaded in place into
   ``pl_module.student`` (on every rank), which is the baseline from the next outer step on;
 * the pairs of X_k* are appended to ``promotion_questions.jsonl`` (PQ, D_best) in the log dir,
-  one JSON object per line: ``question``, ``answer``, ``step``, ``promotion`` (0-based index),
-  ``dataset`` (k*) and ``reward`` (R_k*);
+  one JSON object per line: ``question``, ``answer``, ``step`` (the outer step), ``promotion``
+  (0-based index), ``dataset`` (k*), ``reward`` (R_k*) and ``run_id`` (the run that wrote it, see
+  :class:`~lit_selfimprove.callbacks.RunDirectory`);
 * the promoted student is saved as a Hugging Face folder ``students/promotion_<i>_step_<step>/``
-  (model + student tokenizer) in the log dir.
+  (model + student tokenizer) in the log dir, written under a temporary name and renamed when
+  complete (a full disk leaves no partial folder under the final name).
 
 Files are written by global rank 0 only. The promote / k* decision is taken on rank 0 and
 broadcast, so all ranks install the same dataset's student.
@@ -35,6 +38,9 @@ from typing import Any
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_selfimprove.callbacks.run_directory import run_id_of
+from lit_selfimprove.rl.promotion import PromotionRule
+
 
 class Promotion(Callback):
     """SOAR's promotion of the best dataset's trained student to baseline, with the PQ file.
@@ -43,7 +49,9 @@ class Promotion(Callback):
         tau: promotion threshold on the moving average of the mean teacher reward (SOAR: 0.01).
         window: m, number of outer steps in the moving average (SOAR: 3). A full window is needed.
         reset_after_promotion: clear the reward history after a promotion (the rewards before it
-            were measured against the previous, weaker baseline).
+            were measured against the previous, weaker baseline). Default on.
+        require_improvement: promote only a student whose dataset beat the baseline (R_k* > 0).
+            Default on.
         pq_filename: name of the promotion-questions JSONL file in the log dir.
         save_students: save each promoted student as a Hugging Face folder in the log dir.
         dirpath: where files go (default: ``trainer.log_dir``, else ``trainer.default_root_dir``).
@@ -53,21 +61,19 @@ class Promotion(Callback):
         self,
         tau: float = 0.01,
         window: int = 3,
-        reset_after_promotion: bool = False,
+        reset_after_promotion: bool = True,
+        require_improvement: bool = True,
         pq_filename: str = "promotion_questions.jsonl",
         save_students: bool = True,
         dirpath: str | None = None,
     ):
         super().__init__()
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        self.rule = PromotionRule(tau, window, reset_after_promotion, require_improvement)
         self.tau = tau
         self.window = window
-        self.reset_after_promotion = reset_after_promotion
         self.pq_filename = pq_filename
         self.save_students = save_students
         self.dirpath = dirpath
-        self.history: list[float] = []
         self.promotions: list[dict[str, Any]] = []
         self.pq_lines = 0
         self.last_step: int | None = None
@@ -79,17 +85,14 @@ class Promotion(Callback):
         """Number of promotions so far."""
         return len(self.promotions)
 
+    @property
+    def history(self) -> list[float]:
+        """Rbar of the outer steps since the start (or the last promotion, with the reset)."""
+        return self.rule.history
+
     def moving_average(self) -> float | None:
         """Mean of the last ``window`` values of the history (``None`` while it is shorter)."""
-        if len(self.history) < self.window:
-            return None
-        return sum(self.history[-self.window :]) / self.window
-
-    def update(self, rewards: list[float]) -> tuple[bool, float | None]:
-        """Append mean(rewards) to the history; returns (promote?, moving average)."""
-        self.history.append(sum(rewards) / len(rewards))
-        avg = self.moving_average()
-        return avg is not None and avg > self.tau, avg
+        return self.rule.moving_average()
 
     # ------------------------------------------------------------------------ the files
     def output_dir(self, trainer: Trainer) -> Path:
@@ -115,11 +118,11 @@ class Promotion(Callback):
             return  # no outer step happened (or this one was seen already)
         step = int(last["step"])
         self.last_step = step
-        rewards = [float(r) for r in last["rewards"]]
-        promote, avg = self.update(rewards)
-        k_star = max(range(len(rewards)), key=rewards.__getitem__)
+        decision = self.rule.update([float(r) for r in last["rewards"]])
         # the decision of rank 0 for everyone (identical on one process)
-        promote, k_star, avg = trainer.strategy.broadcast((promote, k_star, avg), src=0)
+        promote, k_star, avg = trainer.strategy.broadcast(
+            (decision.promote, decision.dataset, decision.moving_avg), src=0
+        )
         if promote:
             self._promote(trainer, pl_module, last, step, k_star, avg)
         logs = {"promotion/count": float(self.count), "promotion/event": float(promote)}
@@ -144,6 +147,7 @@ class Promotion(Callback):
             "moving_avg": avg,
         }
         self.promotions.append(record)
+        run_id = run_id_of(trainer)
         pairs = last["datasets"][k_star]
         out = self.output_dir(trainer)  # trainer.log_dir is a collective: every rank asks
         if trainer.is_global_zero:
@@ -157,17 +161,19 @@ class Promotion(Callback):
                         "promotion": index,
                         "dataset": k_star,
                         "reward": record["reward"],
+                        "run_id": run_id,
                     }
                     f.write(json.dumps(row) + "\n")
             if self.save_students:
                 folder = out / "students" / f"promotion_{index}_step_{step}"
-                pl_module.student.save_pretrained(folder)
+                tmp = folder.with_name(folder.name + ".partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                pl_module.student.save_pretrained(tmp)
                 tok = getattr(pl_module, "student_tokenizer", None)
                 if tok is not None:
-                    tok.save_pretrained(folder)
+                    tok.save_pretrained(tmp)
+                tmp.rename(folder)  # complete, or not there at all
         self.pq_lines += len(pairs)
-        if self.reset_after_promotion:
-            self.history = []
         rank_zero_info(
             f"Promotion {index} at outer step {step}: dataset {k_star} (R={record['reward']:.4f}, "
             f"moving avg {avg:.4f} > tau {self.tau}) is the new baseline; {len(pairs)} PQ pairs"
@@ -182,7 +188,8 @@ class Promotion(Callback):
             )
         else:
             rank_zero_info(
-                f"SOAR: no promotion (moving average of the teacher reward never above tau={self.tau})"
+                f"SOAR: no promotion (the moving average of the teacher reward was never above "
+                f"tau={self.tau} with a dataset that beat the baseline)"
             )
 
     def _drop_unrecorded(self, out: Path) -> None:
@@ -204,21 +211,21 @@ class Promotion(Callback):
         students = out / "students"
         if students.is_dir():
             for folder in students.iterdir():
-                m = re.fullmatch(r"promotion_(\d+)_step_(\d+)", folder.name)
-                if m and int(m.group(1)) >= self.count and folder.is_dir():
+                m = re.fullmatch(r"promotion_(\d+)_step_(\d+)(\.partial)?", folder.name)
+                if m and (int(m.group(1)) >= self.count or m.group(3)) and folder.is_dir():
                     shutil.rmtree(folder)
 
     # ---------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": list(self.history),
+            "history": list(self.rule.history),
             "promotions": [dict(p) for p in self.promotions],
             "pq_lines": self.pq_lines,
             "last_step": self.last_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict["history"])
+        self.rule.load_state_dict(state_dict)
         self.promotions = [dict(p) for p in state_dict["promotions"]]
         self.pq_lines = int(state_dict["pq_lines"])
         self.last_step = state_dict.get("last_step")
