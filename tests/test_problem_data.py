@@ -370,7 +370,9 @@ def test_datamodule_end_to_end_math500():
     by_id = {r["id"]: r for r in dm.train_records}
     for rid, q, a in zip(batch["id"], batch["question"], batch["answer"]):
         assert by_id[rid] == {"id": rid, "question": q, "answer": a}
-    assert sum(len(b["id"]) for b in dm.train_dataloader()) == 250
+    # one pass: 32 full batches (250 problems, the last batch borrows 6 from the next pass)
+    ids = [i for b in dm.train_dataloader() for i in b["id"]]
+    assert len(ids) == 256 and set(ids[:250]) == set(by_id) and len(set(ids[:250])) == 250
 
     val = list(dm.val_dataloader())
     assert [len(b["id"]) for b in val] == [16, 4]
@@ -396,7 +398,7 @@ def test_datamodule_sources_and_errors(tmp_path):
     )
     dm.setup("fit")
     assert dm.train_records == rows[:6] and dm.test_records == rows[6:]
-    assert [b["id"] for b in dm.train_dataloader()] == [["p0", "p1", "p2", "p3"], ["p4", "p5"]]
+    assert [b["id"] for b in dm.train_dataloader()] == [["p0", "p1", "p2", "p3"], ["p4", "p5", "p0", "p1"]]
 
     whole = ProblemDataModule(train_source=str(train), use_split=False)
     whole.setup("fit")
@@ -447,9 +449,7 @@ def test_collate_problems():
     assert batch == {"id": ["a", "b"], "question": ["q", "r"], "answer": ["1", "2"]}
 
 
-@pytest.mark.parametrize("order", ["mixed", "curriculum"])
-def test_extra_train_sources_join_the_training_set(tmp_path, order):
-    """SOAR-PQ: promotion questions (no ids) + D_train; curriculum puts them first every epoch."""
+def _pq_and_datamodule(tmp_path, **kwargs):
     pq = tmp_path / "pq.jsonl"
     pq.write_text(
         "".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1), "step": 0}) + "\n" for i in range(6))
@@ -458,21 +458,58 @@ def test_extra_train_sources_join_the_training_set(tmp_path, order):
         train_source="builtin:tiny-hard-train",
         test_source="builtin:tiny-hard-test",
         extra_train_sources=[str(pq)],
-        extra_order=order,
-        batch_size=6,
+        **kwargs,
     )
     dm.setup("fit")
+    return pq, dm
+
+
+def test_mixed_extra_sources_join_the_training_set(tmp_path):
+    """SOAR-PQ (HARP): promotion questions (no ids) + D_train in one stream."""
+    pq, dm = _pq_and_datamodule(tmp_path, extra_order="mixed", batch_size=6)
     total = len(dm.train_records)
     assert dm.num_extra == 6 and total == len(load_problems("builtin:tiny-hard-train")[0]) + 6
     assert len({r["id"] for r in dm.train_records}) == total  # ids made unique
-    seen = [q for _ in range(2) for b in dm.train_dataloader() for q in b["question"]]
-    assert (
-        len(seen) == 2 * total and sum(q.endswith("+1") for q in seen) == 12
-    )  # every problem once per epoch
-    first_batch = next(iter(dm.train_dataloader()))["question"]
-    if order == "curriculum":
-        assert all(q.endswith("+1") for q in first_batch)
-    else:
-        assert not all(q.endswith("+1") for q in first_batch)
+    stream = dm.train_dataloader().dataset
+    seen = [dm.train_records[i]["question"] for k in range(2 * total // 6) for i in stream.batch_indices(k)]
+    assert sum(q.endswith("+1") for q in seen) == 12  # every problem once per pass
+    assert not all(q.endswith("+1") for q in next(iter(dm.train_dataloader()))["question"])
     with pytest.raises(ValueError, match="extra_order"):
         ProblemDataModule(train_source=str(pq), extra_order="random")
+
+
+def test_curriculum_is_the_first_n_steps_on_the_extra_sources_only(tmp_path):
+    """SOAR-PQ (MATH): N batches of synthetic problems only, then D_train only (not PQ every epoch)."""
+    _, dm = _pq_and_datamodule(tmp_path, extra_order="curriculum", curriculum_steps=4, batch_size=4)
+    stream = dm.train_dataloader().dataset
+    batches = [[dm.train_records[i]["question"] for i in stream.batch_indices(k)] for k in range(4 + 5)]
+    assert all(len(b) == 4 for b in batches)
+    assert all(q.endswith("+1") for b in batches[:4] for q in b)  # 16 draws from the 6 PQ problems
+    assert all(not q.endswith("+1") for b in batches[4:] for q in b)
+    # ... and so it stays: no later pass over the training set brings PQ back
+    late = [dm.train_records[i]["question"] for k in range(4, 200) for i in stream.batch_indices(k)]
+    assert not any(q.endswith("+1") for q in late)
+    assert len(set(batches[0] + batches[1][:2])) == 6  # a full pass of the 6 PQ problems first
+
+
+def test_every_batch_is_full_and_resumes_at_the_global_step():
+    """Q_R: |Q_R| problems every outer step, also at the end of a pass and after a resume."""
+    dm = ProblemDataModule(
+        train_source="builtin:tiny-hard-train", test_source="builtin:tiny-hard-test", batch_size=16
+    )
+    dm.setup("fit")
+    n = len(dm.train_records)
+    assert n % 16  # (so that a plain epoch would end with a short batch)
+    stream = dm.train_dataloader().dataset
+    walk = [stream.batch_indices(k) for k in range(3 * len(stream))]
+    assert all(len(b) == 16 for b in walk)
+    flat = [i for b in walk for i in b]
+    assert sorted(flat[:n]) == list(range(n))  # each problem once per pass
+    # resuming at global step 5 yields exactly batches 5, 6, ...
+    stream.start = lambda: 5
+    resumed = [b["id"] for b in stream]
+    assert resumed[0] == [dm.train_records[i]["id"] for i in walk[5]]
+    assert [dm.train_records[i]["id"] for i in walk[6]] == resumed[1]
+    # two ranks draw disjoint halves of the global batch
+    r0, r1 = stream.batch_indices(3, world=2, rank=0), stream.batch_indices(3, world=2, rank=1)
+    assert r0 + r1 == stream._indices(0, 0, n, 6 * 16, 8 * 16)

@@ -21,14 +21,14 @@ import json
 import random
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lit_selfimprove.assets import resolve
 from lit_selfimprove.rewards.math_verify import extract_boxed
@@ -163,7 +163,7 @@ def _convert(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[str, int, str]]:
+def _iter_lines(path: Path) -> Iterator[tuple[str, int, bytes]]:
     if path.suffix == ".zip":
         with zipfile.ZipFile(path) as zf:
             names = [
@@ -179,15 +179,20 @@ def _iter_lines(path: Path) -> Iterator[tuple[str, int, str]]:
                 )
             with zf.open(member) as fh:
                 for lineno, line in enumerate(fh, start=1):
-                    yield f"{path.name}:{member}", lineno, line.decode("utf-8")
+                    yield f"{path.name}:{member}", lineno, line
     else:
-        with path.open(encoding="utf-8") as fh:
+        with path.open("rb") as fh:
             for lineno, line in enumerate(fh, start=1):
                 yield path.name, lineno, line
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
-    for where, lineno, line in _iter_lines(path):
+    for where, lineno, raw_line in _iter_lines(path):
+        try:  # decoded per record: one bad byte is one malformed record, named by file and line
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield where, lineno, _Malformed(f"invalid UTF-8 ({err.reason} at byte {err.start})")
+            continue
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
         try:
@@ -245,11 +250,18 @@ def _detect_format(source: str) -> str:
             return "harp"
         kind = _kind_from_keys(_first_record_keys(path))
         return kind or "jsonl"
-    if _HUB_ID_RE.match(source) and not source.endswith((".jsonl", ".json", ".zip")):
+    if _HUB_ID_RE.match(source) and not looks_like_file(source):
         return "hub"
     raise FileNotFoundError(
-        f"problem source not found: {source!r} (not a file, folder or 'owner/name' hub id)"
+        f"problem source not found: {source!r} (no such file or folder; hub dataset ids look like 'owner/name')"
     )
+
+
+def looks_like_file(source: str) -> bool:
+    """Whether ``source`` names a file rather than a hub id: a short alphabetic extension (``.jsonl``,
+    a typo'd ``.jsnol``, ``.zip``) or an explicit local path (``/``, ``./``, ``../``, ``~``)."""
+    suffix = Path(source).suffix[1:]
+    return source.startswith(("/", "./", "../", "~")) or (suffix.isalpha() and len(suffix) <= 5)
 
 
 def load_problems(
@@ -375,22 +387,78 @@ def collate_problems(batch: Sequence[dict[str, str]]) -> dict[str, list[str]]:
     return {key: [r[key] for r in batch] for key in ("id", "question", "answer")}
 
 
-class CurriculumSampler(torch.utils.data.Sampler):
-    """Indices ``0..first-1`` (the extra problems) then ``first..total-1``, each part shuffled."""
+class ProblemStream(IterableDataset):
+    """Training batches of exactly ``batch_size`` problems, batch ``k`` a pure function of (seed, k).
 
-    def __init__(self, first: int, total: int, generator: torch.Generator | None, shuffle: bool = True):
-        self.first, self.total, self.generator, self.shuffle = first, total, generator, shuffle
+    The stream walks through fresh permutations of ``records`` (seeded by ``seed`` and the epoch
+    of the walk) laid end to end, so every batch is full (the last batch of a pass borrows from the
+    next permutation; nothing is dropped) and each problem is seen once per pass. Rank ``r`` of
+    ``w`` takes global batch ``k * w + r``. Iteration starts at the batch index ``start()`` returns
+    (the batches the trainer has consumed), so a resumed run draws exactly the batches the
+    uninterrupted run would have drawn. ``curriculum_steps = N > 0``: batches ``0..N-1`` come from
+    the first ``num_extra`` records only (the extra sources), later ones from the rest only.
+    """
 
-    def _part(self, start: int, stop: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(start, stop))
-        return [start + i for i in torch.randperm(stop - start, generator=self.generator).tolist()]
+    def __init__(
+        self,
+        records: Sequence[dict[str, str]],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_extra: int = 0,
+        curriculum_steps: int = 0,
+        start: Callable[[], int] | None = None,
+    ) -> None:
+        if curriculum_steps and not 0 < num_extra < len(records):
+            raise ValueError("a curriculum needs both extra and training problems")
+        self.records = list(records)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_extra, self.curriculum_steps = num_extra, curriculum_steps
+        self.start = start or (lambda: 0)
 
-    def __iter__(self):
-        return iter(self._part(0, self.first) + self._part(self.first, self.total))
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
 
     def __len__(self) -> int:
-        return self.total
+        """Batches per rank in one pass over the training problems (one "epoch")."""
+        world, _ = self._world()
+        return max(1, -(-len(self.records) // (self.batch_size * world)))
+
+    def _indices(self, part: int, first: int, stop: int, lo: int, hi: int) -> list[int]:
+        """Positions ``lo..hi-1`` of the endless walk over records ``first..stop-1``."""
+        n, out = stop - first, []
+        for pass_ in range(lo // n, (hi - 1) // n + 1):
+            if self.shuffle:
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + part) * 1_000_003 + pass_)
+                perm = torch.randperm(n, generator=gen).tolist()
+            else:
+                perm = list(range(n))
+            a, b = max(lo, pass_ * n) - pass_ * n, min(hi, (pass_ + 1) * n) - pass_ * n
+            out.extend(first + i for i in perm[a:b])
+        return out
+
+    def batch_indices(self, k: int, world: int = 1, rank: int = 0) -> list[int]:
+        """Record indices of rank ``rank``'s batch at global step ``k``."""
+        if self.curriculum_steps:
+            if k < self.curriculum_steps:
+                first, stop, part = 0, self.num_extra, 1
+            else:
+                first, stop, part, k = self.num_extra, len(self.records), 2, k - self.curriculum_steps
+        else:
+            first, stop, part = 0, len(self.records), 0
+        lo = (k * world + rank) * self.batch_size
+        return self._indices(part, first, stop, lo, lo + self.batch_size)
+
+    def __iter__(self):
+        world, rank = self._world()
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        start = self.start()
+        for k in range(start + worker, start + len(self), workers):
+            yield collate_problems([self.records[i] for i in self.batch_indices(k, world, rank)])
 
 
 class ProblemDataModule(LightningDataModule):
@@ -430,12 +498,20 @@ class ProblemDataModule(LightningDataModule):
         val_limit: Use at most this many test problems for validation (None: all).
         num_workers: DataLoader worker processes.
         skip_malformed: Skip (and count) malformed records instead of raising.
-        shuffle: Shuffle the training problems every epoch.
+        shuffle: Shuffle the training problems (a fresh permutation every pass).
         extra_train_sources: More training problems (jsonl, auto-detected format), e.g. SOAR's
-            promotion questions ``pq.jsonl`` or questions sampled from a teacher: SOAR-PQ trains a
-            fresh student on PQ + D_train.
-        extra_order: ``mixed`` (one shuffle of extra + train problems) or ``curriculum`` (every epoch
-            the extra problems first, then the training problems, each shuffled on its own).
+            promotion questions ``promotion_questions.jsonl`` or questions sampled from a teacher:
+            SOAR-PQ trains a fresh student on PQ + D_train.
+        extra_order: ``mixed`` (one stream over extra + train problems: SOAR-PQ on HARP) or
+            ``curriculum`` (the first ``curriculum_steps`` batches from the extra problems only, then
+            the training problems only: SOAR-PQ on MATH, 64 steps).
+        curriculum_steps: N, the number of batches on the extra sources with ``extra_order: curriculum``.
+
+    Training batches come from a :class:`ProblemStream`: every batch holds exactly ``batch_size``
+    problems (SOAR's |Q_R| is the same every outer step), batch ``k`` depends only on
+    (``split_seed``, k), and the stream resumes at the trainer's global step, so a run resumed from
+    a checkpoint trains on exactly the batches of the uninterrupted run. One "epoch" is one pass over
+    the training problems; ``max_steps`` is the natural way to bound a run.
     """
 
     def __init__(
@@ -458,10 +534,13 @@ class ProblemDataModule(LightningDataModule):
         shuffle: bool = True,
         extra_train_sources: list[str] | None = None,
         extra_order: str = "mixed",
+        curriculum_steps: int = 64,
     ) -> None:
         super().__init__()
         if extra_order not in ("mixed", "curriculum"):
             raise ValueError(f"extra_order must be 'mixed' or 'curriculum', got {extra_order!r}")
+        if curriculum_steps < 1:
+            raise ValueError(f"curriculum_steps must be >= 1, got {curriculum_steps}")
         if train_source is None and test_source is None:
             raise ValueError("ProblemDataModule needs train_source and/or test_source")
         if format not in PROBLEM_FORMATS:
@@ -491,6 +570,7 @@ class ProblemDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.extra_train_sources = list(extra_train_sources or [])
         self.extra_order = extra_order
+        self.curriculum_steps = curriculum_steps
         self.num_extra = 0
         self.train_records: list[dict[str, str]] = []
         self.test_records: list[dict[str, str]] = []
@@ -560,19 +640,28 @@ class ProblemDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._check_loaded(self.train_records, "training")
-        generator = torch.Generator().manual_seed(self.split_seed) if self.shuffle else None
-        sampler = None
-        if self.num_extra and self.extra_order == "curriculum":
-            sampler = CurriculumSampler(self.num_extra, len(self.train_records), generator, self.shuffle)
-        return DataLoader(
-            ProblemDataset(self.train_records),
-            batch_size=self.batch_size,
-            shuffle=self.shuffle if sampler is None else None,
-            sampler=sampler,
-            generator=generator if sampler is None else None,
-            num_workers=self.num_workers,
-            collate_fn=collate_problems,
+        curriculum = self.num_extra and self.extra_order == "curriculum"
+        stream = ProblemStream(
+            self.train_records,
+            self.batch_size,
+            seed=self.split_seed,
+            shuffle=self.shuffle,
+            num_extra=self.num_extra,
+            curriculum_steps=self.curriculum_steps if curriculum else 0,
+            start=self._batches_consumed,
         )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    def _batches_consumed(self) -> int:
+        """Training batches the attached trainer has consumed: optimizer steps (times the
+        accumulation under automatic optimization); 0 without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        model = trainer.lightning_module
+        if model is not None and model.automatic_optimization:
+            return trainer.global_step * trainer.accumulate_grad_batches
+        return trainer.global_step
 
     def _eval_loader(self, records: list[dict[str, str]]) -> DataLoader:
         return DataLoader(
