@@ -54,7 +54,8 @@ class SelfImproveCLI(LightningCLI):
         present = list(config.get("callbacks") or []) + list(callbacks)
         present = present if isinstance(present, list) else [present]
         extra = []
-        if self.subcommand == "fit" and not any(isinstance(c, RunDirectory) for c in present):
+        fits = self.subcommand in ("fit", None)  # None: run=False, the caller fits
+        if fits and not any(isinstance(c, RunDirectory) for c in present):
             extra.append(RunDirectory())
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in present

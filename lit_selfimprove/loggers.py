@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
@@ -28,7 +29,9 @@ class CSVLogger(_LightningCSVLogger):
             return self._experiment
         path = os.path.join(self.log_dir, "metrics.csv")
         header, rows = _read_csv(path)
-        experiment = super().experiment  # Lightning's writer: removes the file
+        with warnings.catch_warnings():  # "Previous log files ... will be deleted": not here
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            experiment = super().experiment  # Lightning's writer: removes the file
         if header:
             _write_csv(path, header, rows)
             experiment.metrics_keys = list(header)  # appended rows use the same columns

@@ -91,3 +91,44 @@ def test_paper_soar_config_headers_run_themselves_and_name_the_pq_file(name):
     header = "\n".join(line for line in config.read_text().splitlines() if line.startswith("#"))
     assert f"fit --config configs/paper/{name}.yaml" in header
     assert f"<log dir>/{pq}" in header and "/pq.jsonl" not in header
+
+
+# --------------------------------------------------------------- budgets validated at construction
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        ("StudentRLVR", {"model": "builtin:tiny-student", "max_new_tokens": 0}),
+        ("StudentRLVR", {"model": "builtin:tiny-student", "val_max_new_tokens": 0}),
+        (
+            "TeacherMetaRL",
+            {"teacher": "builtin:tiny-teacher", "student": "builtin:tiny-student", "inner_max_new_tokens": 0},
+        ),
+        (
+            "TeacherMetaRL",
+            {
+                "teacher": "builtin:tiny-teacher",
+                "student": "builtin:tiny-student",
+                "teacher_max_new_tokens": 0,
+            },
+        ),
+        ("SuffixPolicyDPO", {"model": "builtin:tiny-sip-policy", "judge": None, "max_new_tokens": 0}),
+    ],
+)
+def test_a_zero_token_budget_fails_at_construction(cls, kwargs):
+    import lit_selfimprove.modules as modules
+
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        getattr(modules, cls)(**kwargs)
+
+
+def test_a_reward_that_never_pays_warns_once():
+    from lit_selfimprove.modules._shared import ZeroRewardWatch
+
+    watch = ZeroRewardWatch("StudentRLVR", steps=3)
+    with pytest.warns(
+        UserWarning, match=r"reward was 0 for every sample in the last 3 steps.*'I like turtles.'"
+    ):
+        assert [watch.update(True, "I like turtles.") for _ in range(3)] == [False, False, True]
+    assert not watch.update(True)  # once
+    watch = ZeroRewardWatch("StudentRLVR", steps=3)
+    assert not any(watch.update(z) for z in [True, True, False, True, True])  # the streak restarts

@@ -513,3 +513,15 @@ def test_every_batch_is_full_and_resumes_at_the_global_step():
     # two ranks draw disjoint halves of the global batch
     r0, r1 = stream.batch_indices(3, world=2, rank=0), stream.batch_indices(3, world=2, rank=1)
     assert r0 + r1 == stream._indices(0, 0, n, 6 * 16, 8 * 16)
+
+
+def test_a_source_of_random_bytes_or_a_typo_names_the_file(tmp_path):
+    noise = tmp_path / "noise.jsonl"
+    noise.write_bytes(bytes(range(128, 256)) * 4 + b"\n" + b'{"question": "1+1", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"noise.jsonl: malformed record at line 1: invalid UTF-8"):
+        load_problems(str(noise))
+    records, skipped = load_problems(str(noise), skip_malformed=True)
+    assert skipped == 1 and records[0]["question"] == "1+1"
+    # a typo'd local file is not tried as a hub id (which would fail after ~30 s without network)
+    with pytest.raises(FileNotFoundError, match=r"data/hard.jsnol.*no such file"):
+        load_problems("data/hard.jsnol")

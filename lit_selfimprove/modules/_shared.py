@@ -61,6 +61,39 @@ def adamw_with_warmup(
     return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
+def check_at_least_one(**values: int | None) -> None:
+    """``ValueError`` at construction for a count (token budget, batch size...) below 1 (``None`` passes)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+class ZeroRewardWatch:
+    """Warns once when a reward was 0 for every sample for ``steps`` steps in a row.
+
+    A reward that never pays is what a wrong answer format, prompt or chat template produces (or a
+    hard set with no learning signal, the very case SOAR is for): RL then trains nothing.
+    """
+
+    def __init__(self, what: str, steps: int | None):
+        self.what, self.steps, self.streak, self.warned = what, steps, 0, False
+
+    def update(self, all_zero: bool, sample: str | None = None) -> bool:
+        """Record one step; returns whether it warned now."""
+        self.streak = self.streak + 1 if all_zero else 0
+        if not self.steps or self.warned or self.streak < self.steps:
+            return False
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"{self.what}: the reward was 0 for every sample in the last {self.streak} steps, so there is "
+            "no learning signal. Check the reward against the answer format, the prompt template and "
+            "the chat template" + (f"; a recent completion: {sample[:300]!r}" if sample else "") + "."
+        )
+        self.warned = True
+        return True
+
+
 def as_user_turn(tokenizer, text: str, use_chat_template: bool) -> str:
     """``text`` as is, or as the user turn of the tokenizer's chat template (ready to generate)."""
     if not use_chat_template:

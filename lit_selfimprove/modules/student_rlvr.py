@@ -26,7 +26,14 @@ from lightning import LightningModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.metrics import PassAtK
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
-from lit_selfimprove.modules._shared import adamw_with_warmup, as_user_turn, on_device, sampling_generator
+from lit_selfimprove.modules._shared import (
+    ZeroRewardWatch,
+    adamw_with_warmup,
+    as_user_turn,
+    check_at_least_one,
+    on_device,
+    sampling_generator,
+)
 from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
 
 SOAR_STUDENT_PROMPT = (
@@ -85,6 +92,8 @@ class StudentRLVR(LightningModule):
         lora: ``peft.LoraConfig`` kwargs.
         log_samples_every: write sample completions to ``samples.jsonl`` every N steps (0: never).
         num_log_samples: completions written each time.
+        warn_zero_reward_steps: warn when the reward is 0 for every sample this many steps in a row
+            (a wrong answer format or template; ``None`` never warns).
     """
 
     def __init__(
@@ -120,10 +129,12 @@ class StudentRLVR(LightningModule):
         lora: dict | None = None,
         log_samples_every: int = 50,
         num_log_samples: int = 4,
+        warn_zero_reward_steps: int | None = 20,
     ):
         super().__init__()
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
+        check_at_least_one(val_max_new_tokens=val_max_new_tokens, micro_batch_size=micro_batch_size)
         self.save_hyperparameters(ignore=["reward"])
         self.automatic_optimization = False
         self.rl = RLVRConfig(
@@ -146,6 +157,7 @@ class StudentRLVR(LightningModule):
 
             reward = MathVerifyReward(mode="shaped")
         self.reward = reward
+        self.zero_reward = ZeroRewardWatch("StudentRLVR", warn_zero_reward_steps)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy: torch.nn.Module | None = None
         self._frozen: dict[str, torch.nn.Module] = {}  # KL reference: kept out of state_dict
@@ -209,6 +221,7 @@ class StudentRLVR(LightningModule):
         )
         if hasattr(self.reward, "pop_stats"):
             stats["verify_timeouts"] = float(self.reward.pop_stats().get("timeouts", 0))
+        self.zero_reward.update(not bool((rewards != 0).any()), rollouts.texts[0] if rollouts.texts else None)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=len(questions))
         self.log("train/lr", sched.get_last_lr()[0], batch_size=len(questions))
         self.log("reward", stats["reward"], prog_bar=True, logger=False, batch_size=len(questions))

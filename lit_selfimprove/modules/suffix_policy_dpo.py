@@ -41,7 +41,7 @@ from torch import Tensor
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
-from lit_selfimprove.modules._shared import data_parallel_rank, on_device
+from lit_selfimprove.modules._shared import check_at_least_one, data_parallel_rank, on_device
 from lit_selfimprove.modules.next_token import cosine_schedule
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import dpo_loss, nll_loss
@@ -253,6 +253,7 @@ class SuffixPolicyDPO(LightningModule):
         fail_after_steps: int | None = 20,
     ):
         super().__init__()
+        check_at_least_one(max_new_tokens=max_new_tokens, val_max_new_tokens=val_max_new_tokens)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if num_rollouts < 0:

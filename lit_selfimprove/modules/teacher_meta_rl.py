@@ -50,8 +50,10 @@ from lit_selfimprove.generation.sampler import _any_rank
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
+    ZeroRewardWatch,
     adamw_with_warmup,
     as_user_turn,
+    check_at_least_one,
     on_device,
     sampling_generator,
     seeded_generator,
@@ -153,6 +155,8 @@ class TeacherMetaRL(LightningModule):
         diversity_embedding: ``texts -> [n, d]`` embedding for the logged Vendi score of each
             step's questions (``teacher/vendi``); default: the cheap built-in
             ``HashingNgramEmbedding`` (use ``SentenceEmbedding`` for paper-comparable values).
+        warn_zero_reward_steps: warn when the inner students' reward (grounded) or success rate
+            (intrinsic) is 0 for every sample this many outer steps in a row (``None``: never).
     """
 
     def __init__(
@@ -204,6 +208,7 @@ class TeacherMetaRL(LightningModule):
         log_samples_every: int = 10,
         save_teacher: bool = True,
         diversity_embedding: Callable | None = None,
+        warn_zero_reward_steps: int | None = 20,
     ):
         super().__init__()
         if "{question}" not in prompt_template:
@@ -221,9 +226,16 @@ class TeacherMetaRL(LightningModule):
             ("inner_steps", inner_steps),
             ("inner_batch", inner_batch),
             ("intrinsic_samples", intrinsic_samples),
+            ("teacher_max_new_tokens", teacher_max_new_tokens),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        check_at_least_one(
+            eval_max_new_tokens=eval_max_new_tokens,
+            eval_batch_size=eval_batch_size,
+            inner_micro_batch_size=inner_micro_batch_size,
+            teacher_micro_batch_size=teacher_micro_batch_size,
+        )
         if teacher_batch is not None and teacher_batch < 1:
             raise ValueError(f"teacher_batch must be >= 1 or None, got {teacher_batch}")
         if median not in ("lower", "upper"):
@@ -257,6 +269,7 @@ class TeacherMetaRL(LightningModule):
         # frozen initial teacher (KL reference) and baseline-student reference: not in state_dict
         self._frozen: dict[str, torch.nn.Module] = {}
         self.last_outer: dict | None = None
+        self.zero_reward = ZeroRewardWatch("TeacherMetaRL (inner student reward)", warn_zero_reward_steps)
 
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -674,6 +687,7 @@ class TeacherMetaRL(LightningModule):
         }
         prefix = "inner" if hp.teacher_reward == "grounded" else "intrinsic"
         stats = dict(out["inner_stats"])
+        self.zero_reward.update(stats.get("reward", stats.get("success_rate", 1.0)) == 0)
         if "reward" in stats:
             stats["mean_reward"] = stats.pop("reward")
         logs.update({f"{prefix}/{k}": v for k, v in stats.items()})

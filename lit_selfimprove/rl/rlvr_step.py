@@ -52,6 +52,8 @@ class RLVRConfig:
             raise ValueError(f"group_size must be >= 2 for group advantages, got {self.group_size}")
         if self.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         compute_advantages(torch.zeros(1, 2), self.advantage)  # validates the name
