@@ -124,6 +124,8 @@ def main(args: list[str] | None = None) -> LightningCLI | None:
     """Run LightningCLI; ``failk ...`` / ``world ...`` / ``sample-questions ...`` dispatch to the tools."""
     # noise from Lightning's own internals (pytree API change), not actionable by users
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # ProblemStream gives each worker its own batches: its __len__ is exact
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOLS:
         import importlib
