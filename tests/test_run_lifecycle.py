@@ -126,6 +126,26 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     assert not lock.exists()
 
 
+def test_a_run_started_in_a_directory_in_use_stops_before_writing(tmp_path):
+    run = tmp_path / "runs" / "soar" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,x\n0,1.0\n")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {"host": os.uname().nodename, "pid": other.pid, "run_id": "first", "since": 0}
+        (run / "run.lock").write_text(json.dumps(lock))
+        out = soar(tmp_path, -1, "--trainer.logger.init_args.version=0")
+    finally:
+        other.kill()
+        other.wait()
+    assert out.returncode != 0 and "in use by run first" in out.stderr, out.stderr[-2000:]
+    assert (run / "metrics.csv").read_text() == "step,x\n0,1.0\n"  # the first run's files untouched
+    assert (
+        not (run / "promotion_questions.jsonl").exists()
+        and json.loads((run / "run.lock").read_text()) == lock
+    )
+
+
 def test_csv_logger_appends_on_resume_and_drops_rows_after_the_checkpoint(tmp_path):
     first = CSVLogger(tmp_path, name="run", version=0)
     for step in range(5):
