@@ -12,7 +12,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from lit_selfimprove.distributed import any_rank, initialized
 
 
 @dataclass
@@ -43,13 +44,38 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    def select(self, rows: list[int]) -> Rollouts:
+        """The given rows of this batch."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        return Rollouts(
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.completion_ids[idx],
+            self.completion_mask[idx],
+            [self.texts[i] for i in rows],
+            self.finished[idx],
+        )
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    @staticmethod
+    def cat(parts: list[Rollouts], pad_id: int) -> Rollouts:
+        """Stack batches: prompts re-left-padded, completions re-right-padded (one part: itself)."""
+        if len(parts) == 1:
+            return parts[0]
+        width_p = max(p.prompt_ids.shape[1] for p in parts)
+        width_c = max(p.completion_ids.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+            extra = width - t.shape[1]
+            return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+        return Rollouts(
+            torch.cat([pad(p.prompt_ids, width_p, pad_id, True) for p in parts]),
+            torch.cat([pad(p.prompt_mask, width_p, 0, True) for p in parts]),
+            torch.cat([pad(p.completion_ids, width_c, pad_id, False) for p in parts]),
+            torch.cat([pad(p.completion_mask, width_c, 0, False) for p in parts]),
+            [t for p in parts for t in p.texts],
+            torch.cat([p.finished for p in parts]),
+        )
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -97,6 +123,21 @@ def _expand_token_prompts(
     return prompt_ids, prompt_mask
 
 
+def _tokenize_prompts(
+    tokenizer, prompts: list[str], num_samples: int, device: torch.device, max_prompt_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """String prompts, each repeated ``num_samples`` times, tokenized LEFT-padded on ``device``."""
+    enc = tokenizer(
+        [p for p in prompts for _ in range(num_samples)],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        truncation=max_prompt_tokens is not None,
+        max_length=max_prompt_tokens,
+    )
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -132,20 +173,13 @@ def generate(
         raise ValueError("num_samples and max_new_tokens must be >= 1")
     device = next(model.parameters()).device
     if sync_ranks is None:
-        sync_ranks = dist.is_available() and dist.is_initialized()
+        sync_ranks = initialized()
     if prompt_ids is not None:
         prompt_ids, prompt_mask = _expand_token_prompts(prompt_ids, prompt_mask, num_samples, device)
     else:
-        expanded = [p for p in prompts for _ in range(num_samples)]
-        enc = tokenizer(
-            expanded,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            truncation=max_prompt_tokens is not None,
-            max_length=max_prompt_tokens,
+        prompt_ids, prompt_mask = _tokenize_prompts(
+            tokenizer, prompts, num_samples, device, max_prompt_tokens
         )
-        prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     eos_ids = tokenizer.eos_token_id
     eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=device)
     pad_id = tokenizer.pad_token_id
@@ -169,7 +203,7 @@ def generate(
         if step == max_new_tokens - 1:
             break
         local_done = bool(done.all())
-        if (sync_ranks and not _any_rank(not local_done, device)) or (not sync_ranks and local_done):
+        if (sync_ranks and not any_rank(not local_done, device)) or (not sync_ranks and local_done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1

@@ -21,7 +21,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
+
+from lit_selfimprove.distributed import world
 
 __all__ = ["ChatBackend", "HFChatBackend", "JudgeEndpointError", "OpenAIChatBackend"]
 
@@ -124,7 +125,7 @@ class HFChatBackend:
             model.to(device)
         self.model, self.tokenizer = model, tok
         # one stream per rank: ranks judge different data and must not share random draws
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        _, rank = world()
         gen = torch.Generator(device=next(model.parameters()).device)
         self._generator = gen.manual_seed((self.seed + 1_000_003 * rank) % 2**63)
         # A chat template usually writes the BOS token itself and the tokenizer adds another one.

@@ -1,11 +1,32 @@
-"""Small pieces the RL modules share (model placement, RNG, optimizer, prompts)."""
+"""Small pieces the LightningModules share (model placement, RNG, optimizer, prompts, samples)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from lightning import LightningModule
+
+from lit_selfimprove.distributed import seeded_generator
+
+__all__ = [
+    "ZeroRewardWatch",
+    "adamw",
+    "adamw_with_warmup",
+    "as_user_turn",
+    "check_at_least_one",
+    "cosine_schedule",
+    "data_parallel_rank",
+    "estimated_total_steps",
+    "linear_warmup",
+    "on_device",
+    "sampling_generator",
+    "seeded_generator",
+    "write_samples",
+]
 
 
 def on_device(model: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
@@ -25,16 +46,6 @@ def data_parallel_rank(module: LightningModule) -> int:
     return rank
 
 
-def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
-    """A generator seeded by mixing the global seed with ``parts`` (rank, step, job, ...)."""
-    seed = torch.initial_seed() % 2**61
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part) + 1) % 2**61
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
 def sampling_generator(module: LightningModule) -> torch.Generator:
     """The module's RNG for all sampling: one stream per data-parallel rank and global step.
 
@@ -51,13 +62,56 @@ def sampling_generator(module: LightningModule) -> torch.Generator:
     return gen
 
 
-def adamw_with_warmup(
-    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_steps: int
-):
-    """AdamW over the trainable parameters with a linear warmup (Lightning's optimizer config)."""
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+def linear_warmup(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the peak, then constant (a LambdaLR factor)."""
     warm = max(1, warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return lambda step: min(1.0, (step + 1) / warm)
+
+
+def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Linear warmup then cosine decay to ``min_ratio`` of the peak (a LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def estimated_total_steps(module: LightningModule, default: int = 10_000) -> int:
+    """The run's optimizer steps as the trainer estimates them (``default`` when unknown or unbounded)."""
+    trainer = getattr(module, "_trainer", None)
+    total = trainer.estimated_stepping_batches if trainer is not None else default
+    return int(total) if math.isfinite(total) else default
+
+
+def adamw(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW over the parameters that require gradients."""
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=betas
+    )
+
+
+def adamw_with_warmup(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int = 0,
+    schedule: Callable[[int], float] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+):
+    """Lightning's optimizer config, the one builder of the modules: :func:`adamw` with a per-step
+    LambdaLR ``schedule`` (default: :func:`linear_warmup` over ``warmup_steps``, then constant;
+    e.g. :func:`cosine_schedule` for a cosine decay)."""
+    opt = adamw(params, lr, weight_decay, betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule or linear_warmup(warmup_steps))
     return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
@@ -101,3 +155,27 @@ def as_user_turn(tokenizer, text: str, use_chat_template: bool) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
+
+
+def write_samples(module: LightningModule, every: int, step: int, file: str, rows: Callable[[], list[dict]]):
+    """Append ``rows()`` as JSON lines to ``<log dir>/<file>`` on global rank 0, every ``every`` steps.
+
+    The one "every N steps" rule of the modules' ``log_samples_every``: a training step writes when
+    ``step``, the global step at its *start* (optimizer steps done before it), is a multiple of
+    ``every`` (the first step, then every N-th; ``0`` never writes). Call it on every rank: the
+    trainer's ``log_dir`` is a collective. ``rows`` is only called where something is written.
+    Returns the rows written (``None`` elsewhere).
+    """
+    trainer = getattr(module, "_trainer", None)
+    if not every or step % every or trainer is None:
+        return None
+    log_dir = trainer.log_dir
+    if not trainer.is_global_zero or log_dir is None:
+        return None
+    written = rows()
+    path = Path(log_dir) / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in written:
+            f.write(json.dumps(row) + "\n")
+    return written

@@ -16,7 +16,6 @@ Two kinds of batch:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,10 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
+from lit_selfimprove.modules._shared import adamw_with_warmup, cosine_schedule, estimated_total_steps
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 
-
-def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """Linear warmup then cosine decay to ``min_ratio`` of the peak (a LambdaLR factor)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+__all__ = ["NextTokenLM", "cosine_schedule"]  # cosine_schedule: moved to modules._shared, still importable
 
 
 class NextTokenLM(LightningModule):
@@ -135,15 +125,9 @@ class NextTokenLM(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.95)
-        )
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 10_000
-        total = int(total) if math.isfinite(total) else 10_000
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_schedule(hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        schedule = cosine_schedule(hp.warmup_steps, estimated_total_steps(self), hp.min_lr_ratio)
+        params = self.model.parameters()
+        return adamw_with_warmup(params, hp.lr, hp.weight_decay, schedule=schedule, betas=(0.9, 0.95))
 
     def on_train_end(self) -> None:
         if self.hparams.save_to and self.trainer.is_global_zero:

@@ -16,9 +16,8 @@ Batches are dicts with ``question`` and ``answer`` lists, or ``(questions, answe
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from lightning import LightningModule
@@ -33,6 +32,7 @@ from lit_selfimprove.modules._shared import (
     check_at_least_one,
     on_device,
     sampling_generator,
+    write_samples,
 )
 from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
 
@@ -90,7 +90,9 @@ class StudentRLVR(LightningModule):
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
         lora: ``peft.LoraConfig`` kwargs.
-        log_samples_every: write sample completions to ``samples.jsonl`` every N steps (0: never).
+        log_samples_every: write sample completions to ``samples.jsonl`` at the first training step
+            and every N-th after, counted in optimizer steps before the step (0: never; see
+            :func:`~lit_selfimprove.modules._shared.write_samples`).
         num_log_samples: completions written each time.
         warn_zero_reward_steps: warn when the reward is 0 for every sample this many steps in a row
             (a wrong answer format or template; ``None`` never warns).
@@ -201,6 +203,7 @@ class StudentRLVR(LightningModule):
     # -------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> None:
         questions, answers = unpack_problems(batch)
+        step = self.global_step  # optimizer steps before this one
         opt = self.optimizers()
         sched = self.lr_schedulers()
         stats, rollouts, rewards = rlvr_step(
@@ -225,9 +228,11 @@ class StudentRLVR(LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=len(questions))
         self.log("train/lr", sched.get_last_lr()[0], batch_size=len(questions))
         self.log("reward", stats["reward"], prog_bar=True, logger=False, batch_size=len(questions))
-        every = self.hparams.log_samples_every
-        if every and self.global_step % every == 1 % every:
-            self._write_samples(questions, answers, rollouts.texts, rewards)
+        rows = functools.partial(self._sample_rows, questions, answers, rollouts.texts, rewards)
+        written = write_samples(self, self.hparams.log_samples_every, step, "samples.jsonl", rows)
+        log_table = getattr(self.logger, "log_table", None)
+        if written and callable(log_table):
+            log_table(key="samples", columns=list(written[0]), data=[list(r.values()) for r in written])
 
     # ------------------------------------------------------------------------ validation
     def _eval_problems(self, batch) -> dict[str, float]:
@@ -272,11 +277,10 @@ class StudentRLVR(LightningModule):
             self.val_pass_at_k.reset()
 
     # --------------------------------------------------------------------------- samples
-    def _write_samples(self, questions, answers, texts, rewards) -> None:
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
-            return
+    def _sample_rows(self, questions, answers, texts, rewards) -> list[dict]:
+        """The first completion of each of the first ``num_log_samples`` questions."""
         g, k = self.rl.group_size, self.hparams.num_log_samples
-        rows = [
+        return [
             {
                 "step": self.global_step,
                 "question": questions[i // g],
@@ -286,11 +290,3 @@ class StudentRLVR(LightningModule):
             }
             for i in range(0, min(len(texts), k * g), g)
         ]
-        path = Path(self.trainer.log_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        log_table = getattr(self.logger, "log_table", None)
-        if callable(log_table):
-            log_table(key="samples", columns=list(rows[0]), data=[list(r.values()) for r in rows])

@@ -26,23 +26,28 @@ suffix is the document's next tokens, and a rewrite is tokenized in the context 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lit_selfimprove.distributed import all_reduce_max, all_reduce_sum, seeded_generator, world_size
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
-from lit_selfimprove.modules._shared import check_at_least_one, data_parallel_rank, on_device
-from lit_selfimprove.modules.next_token import cosine_schedule
+from lit_selfimprove.modules._shared import (
+    adamw_with_warmup,
+    check_at_least_one,
+    cosine_schedule,
+    data_parallel_rank,
+    estimated_total_steps,
+    on_device,
+    write_samples,
+)
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import dpo_loss, nll_loss
 
@@ -141,23 +146,6 @@ def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
     return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
 
 
-def _stable_seed(*parts) -> int:
-    """A 63-bit seed mixed from ``parts`` (independent streams, unlike ``seed + rank``)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % 2**63
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(t: Tensor, op=None) -> Tensor:
-    """Sum (or ``op``) over ranks in place; a no-op without a process group."""
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
-    return t
-
-
 def _nanmean(x: Tensor) -> float:
     x = x[~torch.isnan(x)]
     return float(x.mean()) if x.numel() else math.nan
@@ -206,7 +194,8 @@ class SuffixPolicyDPO(LightningModule):
             Generators are re-seeded from (seed, data-parallel rank, step) every step, so a
             resumed run draws what an uninterrupted one would, and ranks draw differently.
         log_samples_every: append prefixes, candidates, scores and the pair to
-            ``samples.jsonl`` in the log dir every N steps (0: never).
+            ``samples.jsonl`` in the log dir at the first step and every N-th after (0: never; see
+            :func:`~lit_selfimprove.modules._shared.write_samples`).
         num_log_samples: prefixes written each time.
         max_unparseable_frac: a step in which more than this share of the judge's verdicts
             (``stats["unparseable"] / stats["calls"]``, summed over ranks) cannot be parsed is a
@@ -325,15 +314,8 @@ class SuffixPolicyDPO(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad], lr=hp.lr, weight_decay=hp.weight_decay
-        )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 10_000
-        total = int(total) if math.isfinite(total) else 10_000
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_schedule(hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return [opt], [{"scheduler": sched, "interval": "step"}]
+        schedule = cosine_schedule(hp.warmup_steps, estimated_total_steps(self), hp.min_lr_ratio)
+        return adamw_with_warmup(self.policy.parameters(), hp.lr, hp.weight_decay, schedule=schedule)
 
     def _generator(self, stream: str, step: int, device: torch.device | str) -> torch.Generator:
         """A generator for ``stream`` at ``step`` of this data-parallel rank.
@@ -341,10 +323,8 @@ class SuffixPolicyDPO(LightningModule):
         ``seed_everything`` gives all ranks one global RNG state; drawing from it would make
         ranks sample alike. Tensor-parallel peers (same data) share the data-parallel rank.
         """
-        base = self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_stable_seed(base, data_parallel_rank(self), stream, step))
-        return gen
+        rank = data_parallel_rank(self)
+        return seeded_generator(device, rank, stream, step, seed=self.hparams.seed, hashed=True)
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -390,9 +370,8 @@ class SuffixPolicyDPO(LightningModule):
 
         self._log_step(scores, total, cands, sel, counts, loss_stats, rollouts, len(prefixes))
         self.log("train/lr", lr, batch_size=len(prefixes))
-        every = hp.log_samples_every
-        if every and step % every == 0:
-            self._write_samples(batch, cands, total, scores, sel, step)
+        rows = functools.partial(self._sample_rows, batch, cands, total, scores, sel, step)
+        write_samples(self, hp.log_samples_every, step, "samples.jsonl", rows)
         # 7. a judge that gives nothing usable must not go unnoticed
         self._check_judge(scores, counts, step)
 
@@ -463,7 +442,7 @@ class SuffixPolicyDPO(LightningModule):
         for s in SOURCES:
             names += [f"chosen_{s}", f"rejected_{s}"]
             values += [src.count(s), rej.count(s)]
-        summed = _all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+        summed = all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
         counts = dict(zip(names, summed))
         self.last_selection = {"step": float(step), **counts}
         return counts
@@ -473,7 +452,7 @@ class SuffixPolicyDPO(LightningModule):
         stop after ``fail_after_steps`` such steps in a row (counts summed over ranks: all agree)."""
         hp = self.hparams
         judged = [float(scores.stats.get("unparseable", 0)), float(scores.stats.get("calls", 0))]
-        bad, calls = _all_reduce(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
+        bad, calls = all_reduce_sum(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
         skipped, prefixes = counts["skipped"], counts["prefixes"]
         problems = []
         if calls > 0 and bad / calls > hp.max_unparseable_frac:
@@ -536,8 +515,8 @@ class SuffixPolicyDPO(LightningModule):
             return {}
         size = hp.micro_batch_size or max(1, len(rows))
         local_chunks = torch.tensor([math.ceil(len(rows) / size)], device=self.device)
-        chunks = int(_all_reduce(local_chunks, dist.ReduceOp.MAX).item())
-        world = dist.get_world_size() if _distributed() else 1
+        chunks = int(all_reduce_max(local_chunks).item())
+        world = world_size()
         parts: dict[str, list[Tensor]] = {}
         for c in range(chunks):
             part = rows[c * size : (c + 1) * size]
@@ -649,9 +628,8 @@ class SuffixPolicyDPO(LightningModule):
                 batch_size=rows,
             )
 
-    def _write_samples(self, batch, cands: Candidates, total, scores: CandidateScores, sel, step) -> None:
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
-            return
+    def _sample_rows(self, batch, cands: Candidates, total, scores: CandidateScores, sel, step) -> list[dict]:
+        """The first ``num_log_samples`` prefixes: candidates with sources and scores, and the pair."""
         components = {k: v.detach().float().cpu() for k, v in scores.components.items()}
         rows = []
         for b in range(min(len(cands.texts), self.hparams.num_log_samples)):
@@ -674,11 +652,7 @@ class SuffixPolicyDPO(LightningModule):
                     "tie_worst": bool(sel.tie_worst[b]),
                 }
             )
-        path = Path(self.trainer.log_dir) / "samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r, allow_nan=True) + "\n")
+        return rows
 
     # ------------------------------------------------------------------------ validation
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
@@ -715,7 +689,7 @@ class SuffixPolicyDPO(LightningModule):
         if not names:
             return
         sums = torch.tensor([self._eval_sums[n] for n in names], dtype=torch.float64, device=self.device)
-        sums = _all_reduce(sums).cpu()
+        sums = all_reduce_sum(sums).cpu()
         for name, (total, count) in zip(names, sums.tolist()):
             if count > 0:
                 self.log(f"{stage}/{name}", total / count, prog_bar=name == "score")

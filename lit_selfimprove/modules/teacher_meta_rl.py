@@ -36,31 +36,37 @@ RNG stream seeded by (seed, step, training index), whichever rank runs it.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_selfimprove.distributed import (
+    all_reduce_sum,
+    any_rank,
+    broadcast_object,
+    gather_objects,
+    seeded_generator,
+    world,
+)
 from lit_selfimprove.generation import Rollouts, generate
-from lit_selfimprove.generation.sampler import _any_rank
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
+    adamw,
     adamw_with_warmup,
     as_user_turn,
     check_at_least_one,
     on_device,
     sampling_generator,
-    seeded_generator,
+    write_samples,
 )
 from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
-from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
+from lit_selfimprove.rl.losses import kl_penalty
+from lit_selfimprove.rl.policy_update import UpdateConfig, policy_gradient_update
 from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
 from lit_selfimprove.rl.teacher import (
     learnability,
@@ -149,7 +155,8 @@ class TeacherMetaRL(LightningModule):
             AdamW step of 1e-5 mostly rounds away on bfloat16 weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
-            the log dir every N outer steps (0: never).
+            the log dir at the first outer step and every N-th after (0: never; see
+            :func:`~lit_selfimprove.modules._shared.write_samples`).
         save_teacher: write the final teacher (and its tokenizer) as a Hugging Face folder to
             ``<log dir>/teacher`` when training ends (what ``sample-questions`` reads for Grounded-T).
         diversity_embedding: ``texts -> [n, d]`` embedding for the logged Vendi score of each
@@ -309,40 +316,16 @@ class TeacherMetaRL(LightningModule):
         return seeded_generator(self.device, 1_000_000 + job, self.global_step)
 
     # ------------------------------------------------------------------------- distributed
-    @staticmethod
-    def world() -> tuple[int, int]:
-        """``(world_size, rank)`` of the default process group, ``(1, 0)`` without one."""
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(), dist.get_rank()
-        return 1, 0
-
-    def gather_objects(self, obj) -> list:
-        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` on one process)."""
-        world, _ = self.world()
-        if world == 1:
-            return [obj]
-        out = [None] * world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world()[0] > 1:
-            values = values.to(self.device)
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.cpu()
-
     def median_student(self, k: int) -> dict | None:
         """Dataset k's median-reward trained student (CPU state dict) on every rank.
 
         Collective under torch.distributed: the rank that trained it broadcasts it."""
         last = self.last_outer
-        state = last["median_students"][k]
-        world, rank = self.world()
-        if world == 1:
+        state, owner = last["median_students"][k], last["median_owner"][k]
+        world_size, rank = world()
+        if world_size == 1:
             return state
-        box = [state if rank == last["median_owner"][k] else None]
-        dist.broadcast_object_list(box, src=last["median_owner"][k])
-        return box[0]
+        return broadcast_object(state if rank == owner else None, src=owner)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -387,21 +370,21 @@ class TeacherMetaRL(LightningModule):
         the teacher rollouts they came from (row i wrote pair i). Raises ``RuntimeError`` (naming the
         validity rate) when ``max_sampling_rounds`` rounds do not give enough valid pairs."""
         hp = self.hparams
-        world, _ = self.world()
+        world_size, _ = world()
         total = hp.num_datasets * hp.dataset_size
-        if total % world:
+        if total % world_size:
             raise ValueError(
-                f"num_datasets * dataset_size = {total} pairs must split evenly over {world} ranks"
+                f"num_datasets * dataset_size = {total} pairs must split evenly over {world_size} ranks"
             )
-        needed = total // world  # this rank's share
-        per_round = -(-hp.teacher_batch // world) if hp.teacher_batch else needed
+        needed = total // world_size  # this rank's share
+        per_round = -(-hp.teacher_batch // world_size) if hp.teacher_batch else needed
         check = self.answers_ok()
         pairs: list[tuple[str, str]] = []
         kept: list[Rollouts] = []
         sampled = valid = rounds = 0
         lengths, truncated = [], []
         # every rank samples until all ranks have their share (same number of teacher forwards)
-        while _any_rank(len(pairs) < needed, self.device):
+        while any_rank(len(pairs) < needed, self.device):
             if rounds == hp.max_sampling_rounds:
                 rate = valid / max(1, sampled)
                 raise RuntimeError(
@@ -420,7 +403,7 @@ class TeacherMetaRL(LightningModule):
             valid += len(good)
             take = good[: needed - len(pairs)]
             if take:
-                kept.append(select_rollouts(ro, take))
+                kept.append(ro.select(take))
                 pairs.extend(parsed[i] for i in take)
         stats = {
             "validity": valid / sampled,
@@ -428,7 +411,7 @@ class TeacherMetaRL(LightningModule):
             "completion_len": float(torch.cat(lengths).mean()),
             "truncated_frac": float(torch.cat(truncated).mean()),
         }
-        return pairs, concat_rollouts(kept, self.teacher_tokenizer.pad_token_id), stats
+        return pairs, Rollouts.cat(kept, self.teacher_tokenizer.pad_token_id), stats
 
     # ------------------------------------------------------------------ 2. student accuracy
     def greedy_accuracy(self, questions: list[str], answers: list[str]) -> float:
@@ -465,7 +448,7 @@ class TeacherMetaRL(LightningModule):
         """
         hp = self.hparams
         params = [p for p in self.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.inner_lr, weight_decay=hp.inner_weight_decay)
+        opt = adamw(params, hp.inner_lr, hp.inner_weight_decay)
         gen = generator or self.sampling_generator()
         order: list[int] = []
         sums: dict[str, float] = {}
@@ -502,12 +485,12 @@ class TeacherMetaRL(LightningModule):
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
         g, r = len(datasets), hp.num_repeats
-        world, rank = self.world()
+        world_size, rank = world()
         deltas = torch.zeros(g * r)
         states: dict[int, dict] = {}
         inner: list[dict] = []
         try:  # training j = k * r + i (dataset k, repeat i) runs on rank j % world
-            for j in range(rank, g * r, world):
+            for j in range(rank, g * r, world_size):
                 data = datasets[j // r]
                 self.student.load_state_dict(snapshot)
                 stats = self.train_inner_student(
@@ -523,14 +506,14 @@ class TeacherMetaRL(LightningModule):
                     }
         finally:
             self.student.load_state_dict(snapshot)  # the baseline again, whatever happened
-        per_repeat = self.all_reduce_sum(deltas).view(g, r).tolist()
-        inner = [s for part in self.gather_objects(inner) for s in part]
+        per_repeat = all_reduce_sum(deltas, self.device).view(g, r).tolist()
+        inner = [s for part in gather_objects(inner) for s in part]
         medians, owners = [], []
         pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
         for k, ds in enumerate(per_repeat):  # the median-reward repeat of dataset k
             j = k * r + sorted(range(r), key=ds.__getitem__)[pick]
             medians.append(states.get(j))
-            owners.append(j % world)
+            owners.append(j % world_size)
         inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
         return {
             "rewards": [sum(d) / len(d) for d in per_repeat],
@@ -545,9 +528,9 @@ class TeacherMetaRL(LightningModule):
         samples against the teacher's answer; r = 0 if s == 0 else 1 - s; R_k = mean over X_k."""
         hp = self.hparams
         m = hp.intrinsic_samples
-        world, rank = self.world()
+        world_size, rank = world()
         local: dict[int, list[float]] = {}
-        for k in range(rank, len(datasets), world):  # dataset k on rank k % world
+        for k in range(rank, len(datasets), world_size):  # dataset k on rank k % world
             data, gen = datasets[k], self.job_generator(k)
             success = []
             for i in range(0, len(data), hp.inner_batch):
@@ -565,7 +548,7 @@ class TeacherMetaRL(LightningModule):
                 _, correct = score_completions(self.reward, ro.texts, [a for _, a in chunk for _ in range(m)])
                 success.append(correct.float().view(-1, m).mean(-1))
             local[k] = torch.cat(success).tolist()
-        gathered = {k: v for part in self.gather_objects(local) for k, v in part.items()}
+        gathered = {k: v for part in gather_objects(local) for k, v in part.items()}
         rates = [gathered[k] for k in range(len(datasets))]
         rewards = [learnability(torch.tensor(s)) for s in rates]
         flat = torch.tensor([x for r in rates for x in r])
@@ -585,68 +568,49 @@ class TeacherMetaRL(LightningModule):
     def teacher_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
         """One teacher step: RLOO policy gradient with per-rollout ``advantages`` + KL to the initial teacher.
 
-        Token-mean aggregation over all completion tokens of all rollouts (of all ranks); micro-batches
-        are weighted by their share of the tokens, so the gradient does not depend on their size.
+        Token-mean aggregation over all completion tokens of all rollouts of all ranks (DDP / FSDP
+        average the ranks' gradients, so each rank weighs its tokens by world_size / tokens on all
+        ranks); micro-batches are weighted by their share of the tokens, so the gradient does not
+        depend on their size.
         """
         hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
-        input_ids, attention_mask, completion_mask = rollouts.sequences()
-        token_mask = completion_mask[:, 1:].float()
-        # the token mean over every rank's rollouts: DDP / FSDP average the ranks' gradients, so
-        # each rank weighs its tokens by world_size / (tokens on all ranks)
-        world, _ = self.world()
-        total = self.all_reduce_sum(token_mask.sum().detach().reshape(1)).to(self.device)[0].clamp(min=1.0)
-        total = total / world
-        rows = input_ids.shape[0]
-        mb = hp.teacher_micro_batch_size or rows
-        chunks = [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
-        advantages = advantages.to(self.device)
-        ref = self.ref_teacher if hp.kl_coef > 0 else None
-        with torch.no_grad():
-            ref_logps = (
-                torch.cat(
-                    [
-                        sequence_logprobs(ref, input_ids[s], attention_mask[s], completion_mask[s])
-                        for s in chunks
-                    ]
-                )
-                if ref is not None
-                else None
-            )
-        self.teacher.train()
-        sums = {"loss": 0.0, "kl": 0.0, "logp": 0.0}
-        for sl in chunks:
-            logps = sequence_logprobs(self.teacher, input_ids[sl], attention_mask[sl], completion_mask[sl])
-            mask = token_mask[sl]
-            weight = mask.sum() / total
-            loss, _ = policy_gradient_loss(logps, None, advantages[sl], mask, aggregation="token")
-            if ref_logps is not None:
-                kl = aggregate_loss(kl_penalty(logps, ref_logps[sl], hp.kl_estimator), mask, "token")
-                loss = loss + hp.kl_coef * kl
-                sums["kl"] += float(kl.detach() * weight)
-            self.manual_backward(loss * weight)
-            sums["loss"] += float(loss.detach() * weight)
-            sums["logp"] += float((logps.detach() * mask).sum() / total)
-        if hp.max_grad_norm:
-            self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        return sums
+        cfg = UpdateConfig(
+            loss_aggregation="token",
+            kl_coef=hp.kl_coef,
+            kl_estimator=hp.kl_estimator,
+            micro_batch_size=hp.teacher_micro_batch_size,
+            max_grad_norm=hp.max_grad_norm,
+            all_ranks=True,
+        )
+        update = policy_gradient_update(
+            self.teacher,
+            rollouts,
+            advantages,
+            opt,
+            cfg,
+            ref_model=self.ref_teacher if hp.kl_coef > 0 else None,
+            backward=self.manual_backward,
+            clip=lambda norm: self.clip_gradients(
+                opt, gradient_clip_val=norm, gradient_clip_algorithm="norm"
+            ),
+            after_step=sched.step,
+        )
+        return {k: update[k] for k in ("loss", "kl", "logp")}
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> None:
         hp = self.hparams
         questions, answers = unpack_problems(batch)
         g, n, step = hp.num_datasets, hp.dataset_size, self.global_step
-        world, rank = self.world()
-        if world > 1:  # one Q_R for every rank: the global batch
-            parts = self.gather_objects((questions, answers))
+        world_size, rank = world()
+        if world_size > 1:  # one Q_R for every rank: the global batch
+            parts = gather_objects((questions, answers))
             questions = [q for qs, _ in parts for q in qs]
             answers = [a for _, ans in parts for a in ans]
         # 1. g*n valid pairs from the teacher (each rank samples its share) -> g datasets of n
         local_pairs, rollouts, sampling = self.sample_valid_pairs()
-        pairs = [p for part in self.gather_objects(local_pairs) for p in part]
+        pairs = [p for part in gather_objects(local_pairs) for p in part]
         datasets = [pairs[k * n : (k + 1) * n] for k in range(g)]
         # 2. the baseline student's greedy accuracy on Q_R
         base_acc = self.greedy_accuracy(questions, answers)
@@ -696,16 +660,14 @@ class TeacherMetaRL(LightningModule):
         self.log_dict(logs, batch_size=len(questions))
         self.log("R", logs["teacher/reward_mean"], prog_bar=True, logger=False, batch_size=len(questions))
         self.log("valid", sampling["validity"], prog_bar=True, logger=False, batch_size=len(questions))
-        every = hp.log_samples_every
-        if every and self.global_step % every == 1 % every:
-            self._write_samples()
+        write_samples(self, hp.log_samples_every, step, "teacher_samples.jsonl", self._sample_rows)
 
     def on_train_end(self) -> None:
         if not self.hparams.save_teacher or self.trainer is None:
             return
         log_dir = self.trainer.log_dir  # a collective: every rank asks
         folder = Path(log_dir or self.trainer.default_root_dir) / "teacher"
-        if self.world()[0] > 1:  # gather the full (maybe sharded) weights on every rank
+        if world()[0] > 1:  # gather the full (maybe sharded) weights on every rank
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(
@@ -730,55 +692,11 @@ class TeacherMetaRL(LightningModule):
         self.log("test/accuracy", acc, batch_size=len(questions), sync_dist=True)
 
     # --------------------------------------------------------------------------- samples
-    def _write_samples(self) -> None:
-        trainer = getattr(self, "_trainer", None)
-        if (
-            trainer is None
-            or not trainer.is_global_zero
-            or trainer.log_dir is None
-            or self.last_outer is None
-        ):
-            return
+    def _sample_rows(self) -> list[dict]:
+        """The step's datasets, one row per pair, with their dataset's reward."""
         last = self.last_outer
-        path = Path(trainer.log_dir) / "teacher_samples.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for k, data in enumerate(last["datasets"]):
-                for pair in data:
-                    row = {"step": last["step"], "dataset": k, "reward": last["rewards"][k], **pair}
-                    f.write(json.dumps(row) + "\n")
-
-
-# ------------------------------------------------------------------------------ rollouts
-def select_rollouts(rollouts: Rollouts, rows: list[int]) -> Rollouts:
-    """The given rows of a :class:`Rollouts` batch."""
-    idx = torch.tensor(rows, dtype=torch.long, device=rollouts.completion_ids.device)
-    return Rollouts(
-        rollouts.prompt_ids[idx],
-        rollouts.prompt_mask[idx],
-        rollouts.completion_ids[idx],
-        rollouts.completion_mask[idx],
-        [rollouts.texts[i] for i in rows],
-        rollouts.finished[idx],
-    )
-
-
-def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    """Stack :class:`Rollouts` batches: prompts re-left-padded, completions re-right-padded."""
-    if len(parts) == 1:
-        return parts[0]
-    width_p = max(p.prompt_ids.shape[1] for p in parts)
-    width_c = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-        extra = width - t.shape[1]
-        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
-
-    return Rollouts(
-        torch.cat([pad(p.prompt_ids, width_p, pad_id, True) for p in parts]),
-        torch.cat([pad(p.prompt_mask, width_p, 0, True) for p in parts]),
-        torch.cat([pad(p.completion_ids, width_c, pad_id, False) for p in parts]),
-        torch.cat([pad(p.completion_mask, width_c, 0, False) for p in parts]),
-        [t for p in parts for t in p.texts],
-        torch.cat([p.finished for p in parts]),
-    )
+        return [
+            {"step": last["step"], "dataset": k, "reward": last["rewards"][k], **pair}
+            for k, data in enumerate(last["datasets"])
+            for pair in data
+        ]

@@ -11,19 +11,21 @@ plain optimizer on a copy of the student. The steps, in order:
    frozen reference (only when ``kl_coef > 0``);
 5. for each epoch and micro-batch: policy-gradient loss (optionally PPO-clipped) plus
    ``kl_coef`` times the k3 KL to the reference, backward; then clip and step.
+
+Steps 4-5 are :func:`~lit_selfimprove.rl.policy_update.policy_gradient_update`, which SOAR's
+teacher update shares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.rl.advantages import compute_advantages, zero_std_fraction
-from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
+from lit_selfimprove.rl.policy_update import UpdateConfig, policy_gradient_update
 
 
 @dataclass
@@ -57,6 +59,12 @@ class RLVRConfig:
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         compute_advantages(torch.zeros(1, 2), self.advantage)  # validates the name
+
+    def update_config(self) -> UpdateConfig:
+        """Steps 4-5 (:func:`~lit_selfimprove.rl.policy_update.policy_gradient_update`): micro-batches
+        weighted by this rank's units (each rank's loss is its own batch's mean)."""
+        names = [f.name for f in fields(UpdateConfig) if f.name != "all_ranks"]
+        return UpdateConfig(**{name: getattr(self, name) for name in names})
 
 
 def score_completions(reward: Callable, completions: list[str], answers: list[str], prompts=None):
@@ -105,61 +113,18 @@ def rlvr_step(
     device = rollouts.completion_ids.device
     grouped = rewards.view(-1, g)
     advantages = compute_advantages(grouped, cfg.advantage).reshape(-1).to(device)
-    # 4. old-policy and reference log-probs
-    input_ids, attention_mask, completion_mask = rollouts.sequences()
-    token_mask = completion_mask[:, 1:].float()
-    rows = input_ids.shape[0]
-    mb = cfg.micro_batch_size or rows
-    chunks = [slice(i, min(i + mb, rows)) for i in range(0, rows, mb)]
-    # with one epoch the old policy is the current one: its log-probs are the detached current
-    # ones (policy_gradient_loss's default), so a second forward would only repeat work
-    need_old = cfg.ppo_epochs > 1
-    with torch.no_grad():
-        old_logps = _logps(policy, input_ids, attention_mask, completion_mask, chunks) if need_old else None
-        ref_logps = (
-            _logps(ref_model, input_ids, attention_mask, completion_mask, chunks)
-            if cfg.kl_coef > 0 and ref_model is not None
-            else None
-        )
-    # 5. loss and step; a micro-batch's loss is weighted by its share of what the aggregation averages
-    # over (tokens, sequences or rows), so the gradient is the full batch's whatever the micro-batch size
-    policy.train()
-    total = _units(token_mask, cfg.loss_aggregation).clamp(min=1)
-    sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-    for _ in range(cfg.ppo_epochs):
-        for sl in chunks:
-            logps = sequence_logprobs(policy, input_ids[sl], attention_mask[sl], completion_mask[sl])
-            mask = token_mask[sl]
-            weight = _units(mask, cfg.loss_aggregation) / total
-            pg, pg_stats = policy_gradient_loss(
-                logps,
-                old_logps[sl] if old_logps is not None else None,
-                advantages[sl],
-                mask,
-                clip_eps_low=cfg.clip_eps_low,
-                clip_eps_high=cfg.clip_eps_high,
-                aggregation=cfg.loss_aggregation,
-                max_tokens=cfg.max_new_tokens,
-            )
-            loss = pg
-            if ref_logps is not None:
-                kl = aggregate_loss(
-                    kl_penalty(logps, ref_logps[sl], cfg.kl_estimator),
-                    mask,
-                    cfg.loss_aggregation,
-                    cfg.max_new_tokens,
-                )
-                loss = loss + cfg.kl_coef * kl
-                sums["kl"] += float(kl.detach() * weight)
-            backward(loss * weight)
-            sums["loss"] += float(loss.detach() * weight)
-            sums["clip_fraction"] += float(pg_stats["clip_fraction"] * weight)
-        if clip is not None and cfg.max_grad_norm:
-            clip(cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+    # 4.-5. old-policy and reference log-probs, loss, backward, clip and step
+    update = policy_gradient_update(
+        policy,
+        rollouts,
+        advantages,
+        optimizer,
+        cfg.update_config(),
+        ref_model=ref_model,
+        backward=backward,
+        clip=clip,
+        after_step=after_step,
+    )
     lengths = rollouts.lengths.float()
     stats = {
         "reward": float(rewards.mean()),
@@ -167,25 +132,6 @@ def rlvr_step(
         "zero_std_frac": float(zero_std_fraction(grouped)),
         "completion_len": float(lengths.mean()),
         "truncated_frac": float((~rollouts.finished).float().mean()),
-        **{k: v / cfg.ppo_epochs for k, v in sums.items()},
+        **{k: update[k] for k in ("loss", "kl", "clip_fraction")},
     }
     return stats, rollouts, rewards
-
-
-def _units(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """What ``aggregate_loss(..., aggregation)`` averages over: tokens, non-empty sequences or rows."""
-    if aggregation == "token":
-        return mask.sum()
-    if aggregation == "sequence":
-        return (mask.sum(-1) > 0).sum().to(mask.dtype)
-    return mask.new_tensor(float(mask.shape[0]))
-
-
-def _logps(model, input_ids, attention_mask, completion_mask, chunks) -> torch.Tensor:
-    model_was_training = model.training
-    model.eval()
-    out = torch.cat(
-        [sequence_logprobs(model, input_ids[s], attention_mask[s], completion_mask[s]) for s in chunks]
-    )
-    model.train(model_was_training)
-    return out
