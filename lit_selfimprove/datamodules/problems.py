@@ -17,10 +17,8 @@ Every loader returns plain records ``{"id": str, "question": str, "answer": str}
 
 from __future__ import annotations
 
-import json
 import random
 import re
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lit_selfimprove.assets import resolve
+from lit_selfimprove.datamodules.readers import Malformed, decode_utf8, iter_lines, parse_json
+from lit_selfimprove.distributed import world
 from lit_selfimprove.rewards.math_verify import extract_boxed
 
 __all__ = [
@@ -55,10 +55,6 @@ _DEFAULT_FIELDS: dict[str, tuple[str, str, str]] = {
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 _HARP_MEMBER = "HARD-Math.jsonl"
-
-
-class _Malformed(Exception):
-    """A record that cannot be turned into a problem (reason in the message)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,39 +111,39 @@ def _convert(
     fields: tuple[str | None, str | None, str | None],
     fallback_id: str,
 ) -> dict[str, str]:
-    """One raw record -> ``{"id", "question", "answer"}``; raises :class:`_Malformed`."""
+    """One raw record -> ``{"id", "question", "answer"}``; raises :class:`Malformed`."""
     if not isinstance(raw, dict):
-        raise _Malformed(f"expected a JSON object, got {type(raw).__name__}")
+        raise Malformed(f"expected a JSON object, got {type(raw).__name__}")
     dq, da, di = _DEFAULT_FIELDS[kind]
     q_field, a_field, id_field = fields[0] or dq, fields[1] or da, fields[2] or di
 
     if q_field not in raw:
-        raise _Malformed(f"missing question field {q_field!r}")
+        raise Malformed(f"missing question field {q_field!r}")
     question = _to_text(raw[q_field])
     if kind == "olympiadbench" and fields[0] is None:
         context = _to_text(raw.get("context"))
         if context:
             question = f"{context}\n\n{question}"
     if not question:
-        raise _Malformed(f"empty question field {q_field!r}")
+        raise Malformed(f"empty question field {q_field!r}")
 
     if a_field in raw:
         answer = _to_text(raw[a_field])
     elif kind != "math":
-        raise _Malformed(f"missing answer field {a_field!r}")
+        raise Malformed(f"missing answer field {a_field!r}")
     else:
         answer = ""
     if kind == "math" and not answer:
         solution = raw.get("solution")
         if not isinstance(solution, str):
-            raise _Malformed(f"missing answer field {a_field!r} and no 'solution' to take \\boxed{{}} from")
+            raise Malformed(f"missing answer field {a_field!r} and no 'solution' to take \\boxed{{}} from")
         answer = extract_boxed(solution) or ""
         if not answer:
-            raise _Malformed(f"empty answer field {a_field!r} and no \\boxed{{}} in the solution")
+            raise Malformed(f"empty answer field {a_field!r} and no \\boxed{{}} in the solution")
     if kind in ("harp", "olympiadbench"):
         answer = _strip_dollars(answer)
     if not answer:
-        raise _Malformed(f"empty answer field {a_field!r}")
+        raise Malformed(f"empty answer field {a_field!r}")
 
     if id_field in raw and _to_text(raw[id_field]):
         rid = _to_text(raw[id_field])
@@ -159,47 +155,19 @@ def _convert(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# raw readers: yield (location, line/row number, raw record or _Malformed)
+# raw readers: yield (location, line/row number, raw record or Malformed)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[str, int, bytes]]:
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            names = [
-                n for n in zf.namelist() if n.endswith((".jsonl", ".json")) and not n.startswith("__MACOSX")
-            ]
-            if _HARP_MEMBER in names:
-                member = _HARP_MEMBER
-            elif len(names) == 1:
-                member = names[0]
-            else:
-                raise ValueError(
-                    f"{path}: expected {_HARP_MEMBER} or a single .jsonl file in the zip, found {names}"
-                )
-            with zf.open(member) as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    yield f"{path.name}:{member}", lineno, line
-    else:
-        with path.open("rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                yield path.name, lineno, line
-
-
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
-    for where, lineno, raw_line in _iter_lines(path):
+    for where, lineno, line in iter_lines(path, zip_member=_HARP_MEMBER):
         try:  # decoded per record: one bad byte is one malformed record, named by file and line
-            line = raw_line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield where, lineno, _Malformed(f"invalid UTF-8 ({err.reason} at byte {err.start})")
-            continue
-        if not line.strip():
-            continue  # blank lines (e.g. a trailing newline) are not records
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield where, lineno, _Malformed(f"invalid JSON ({err.msg})")
-            continue
+            text = decode_utf8(line)
+            if not text.strip():
+                continue  # a line of (Unicode) whitespace is not a record
+            raw = parse_json(text)
+        except Malformed as err:
+            raw = err
         yield where, lineno, raw
 
 
@@ -330,14 +298,14 @@ def load_problems(
     n_skipped = 0
     for where, number, raw in rows:
         try:
-            if isinstance(raw, _Malformed):
+            if isinstance(raw, Malformed):
                 raise raw
             record = _convert(raw, kind, fields, fallback(number))
             if record["id"] in seen:
-                raise _Malformed(f"duplicate id {record['id']!r} (first at {unit} {seen[record['id']]})")
-        except _Malformed as err:
+                raise Malformed(f"duplicate id {record['id']!r} (first at {unit} {seen[record['id']]})")
+        except Malformed as err:
             if not skip_malformed:
-                raise ValueError(f"{where}: malformed record at {unit} {number}: {err}") from None
+                raise err.error(where, unit, number) from None
             n_skipped += 1
             continue
         seen[record["id"]] = number
@@ -416,16 +384,10 @@ class ProblemStream(IterableDataset):
         self.num_extra, self.curriculum_steps = num_extra, curriculum_steps
         self.start = start or (lambda: 0)
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
     def __len__(self) -> int:
         """Batches per rank in one pass over the training problems (one "epoch")."""
-        world, _ = self._world()
-        return max(1, -(-len(self.records) // (self.batch_size * world)))
+        world_size, _ = world()
+        return max(1, -(-len(self.records) // (self.batch_size * world_size)))
 
     def _indices(self, part: int, first: int, stop: int, lo: int, hi: int) -> list[int]:
         """Positions ``lo..hi-1`` of the endless walk over records ``first..stop-1``."""
@@ -453,12 +415,12 @@ class ProblemStream(IterableDataset):
         return self._indices(part, first, stop, lo, lo + self.batch_size)
 
     def __iter__(self):
-        world, rank = self._world()
+        world_size, rank = world()
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         start = self.start()
         for k in range(start + worker, start + len(self), workers):
-            yield collate_problems([self.records[i] for i in self.batch_indices(k, world, rank)])
+            yield collate_problems([self.records[i] for i in self.batch_indices(k, world_size, rank)])
 
 
 class ProblemDataModule(LightningDataModule):
