@@ -144,6 +144,7 @@ def run_ours(conn, cfg: dict) -> None:
     from torch.utils.data import DataLoader
 
     from lit_selfimprove.modules import StudentRLVR
+    from lit_selfimprove.rl.rlvr_step import RLVRConfig
 
     _common_init(cfg)
     reward_fn = make_reward(cfg["reward"])
@@ -169,17 +170,19 @@ def run_ours(conn, cfg: dict) -> None:
         tokenizer=cfg["model"],
         reward=reward,
         prompt_template=PROMPT,
-        group_size=cfg["group_size"],
-        max_new_tokens=cfg["max_new_tokens"],
-        temperature=cfg["temperature"],
-        advantage="grpo",  # TRL: scale_rewards="group"
-        loss_aggregation="token",  # TRL: loss_type="dapo"
-        clip_eps_low=None,  # TRL clips, but with num_iterations=1 its ratio is exactly 1 (see notes)
-        ppo_epochs=1,
-        kl_coef=cfg["beta"],
-        kl_estimator="k3",
+        rl=RLVRConfig(
+            group_size=cfg["group_size"],
+            max_new_tokens=cfg["max_new_tokens"],
+            temperature=cfg["temperature"],
+            advantage="grpo",  # TRL: scale_rewards="group"
+            loss_aggregation="token",  # TRL: loss_type="dapo"
+            clip_eps_low=None,  # TRL clips, but with num_iterations=1 its ratio is exactly 1 (see notes)
+            ppo_epochs=1,
+            kl_coef=cfg["beta"],
+            kl_estimator="k3",
+            max_grad_norm=1.0,
+        ),
         lr=cfg["lr"],
-        max_grad_norm=1.0,
         val_num_samples=0,
         log_samples_every=0,
         dtype="float32",
@@ -487,8 +490,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "model_path": model_path if args.model else None,
                 "completions_per_step": args.group_size * args.questions,
                 "prompt_template": PROMPT,
-                "ours": "StudentRLVR(advantage=grpo, loss_aggregation=token, clip_eps_low=None, ppo_epochs=1, "
-                "kl_coef=beta, kl_estimator=k3, max_grad_norm=1.0) in lightning.Trainer(accelerator=cpu)",
+                "ours": "StudentRLVR(rl=RLVRConfig(advantage=grpo, loss_aggregation=token, clip_eps_low=None, ppo_epochs=1, "
+                "kl_coef=beta, kl_estimator=k3, max_grad_norm=1.0)) in lightning.Trainer(accelerator=cpu)",
                 "trl": "GRPOTrainer(loss_type=dapo, scale_rewards=group, num_iterations=1, steps_per_generation=1, "
                 "gradient_accumulation_steps=1, gradient_checkpointing=False, use_cpu=True, bf16=False)",
                 "interleaving": "one step at a time, alternating order each round; the idle worker is blocked",

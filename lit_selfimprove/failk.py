@@ -61,7 +61,7 @@ def build_fail_at_k(
 ) -> dict:
     """Sample, keep the 0/k problems, write the hard set and its split; return a summary."""
     from lit_selfimprove.generation import generate
-    from lit_selfimprove.rl.rlvr_step import score_completions
+    from lit_selfimprove.rewards.base import score_completions
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-    from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT
+    from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT
     from lit_selfimprove.rewards import MathVerifyReward
 
     records, skipped = load_problems(args.source, format=args.format, split=args.hub_split, limit=args.limit)

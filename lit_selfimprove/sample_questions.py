@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from lit_selfimprove.generation import generate
+from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-from lit_selfimprove.rl.teacher import math_verify_parseable, parse_pairs
 
 
 def load_teacher(path: str, dtype: str = "float32") -> tuple[torch.nn.Module, object, str | None]:

@@ -20,17 +20,11 @@ from pathlib import Path
 import torch
 
 from lit_selfimprove.assets import ASSETS_DIR, build_char_tokenizer
-from lit_selfimprove.datamodules.arithmetic import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT, generate_problems
-from lit_selfimprove.rewards.math_verify import extract_boxed
+from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
+from lit_selfimprove.worlds.arithmetic import LEVELS, generate_problems, quick_correct
 
-LEVELS = range(1, 7)  # the tiny bases are pre-trained on levels 1-6 (configs/tiny/pretrain_*.yaml)
+__all__ = ["LEVELS", "level_accuracy", "main", "quick_correct", "teacher_stats", "world_level"]
 _PAIR = re.compile(r"<question>(.*?)</question>[^<]*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
-
-
-def quick_correct(completion: str, answer: str) -> bool:
-    """Exact string match of the last ``\\boxed{}`` (no math-verify: enough for integers)."""
-    found = extract_boxed(completion)
-    return found is not None and found == answer.strip()
 
 
 @torch.no_grad()

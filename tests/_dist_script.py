@@ -19,6 +19,7 @@ from lit_selfimprove.datamodules.arithmetic import ArithmeticProblemDataModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.generation.sampler import _cache_kwarg
 from lit_selfimprove.modules.student_rlvr import StudentRLVR
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
 from tests._launch import full_weights, is_dtensor
 
 
@@ -83,10 +84,8 @@ def main() -> None:
         model=model_dir,
         prompt_template="Q: {question}\nA: ",
         reward=reward,
-        group_size=4,
-        max_new_tokens=8,
-        micro_batch_size=4,  # 2 questions x 4 samples: two backward passes per step
-        kl_coef=0.001,
+        # micro_batch_size 4: 2 questions x 4 samples, two backward passes per step
+        rl=RLVRConfig(group_size=4, max_new_tokens=8, micro_batch_size=4, kl_coef=0.001),
         lr=1e-2,
         val_num_samples=0,
         log_samples_every=0,

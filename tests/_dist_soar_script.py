@@ -25,6 +25,7 @@ from lit_selfimprove.datamodules.arithmetic import (
     ArithmeticProblemDataModule,
     teacher_text,
 )
+from lit_selfimprove.modules.soar_outer import InnerConfig
 from lit_selfimprove.modules.teacher_meta_rl import TeacherMetaRL
 from tests._launch import full_weights
 from tests.test_teacher_meta_rl import rollouts_from_texts
@@ -82,11 +83,7 @@ def main() -> None:
         num_datasets=G,
         dataset_size=N,
         num_repeats=R,
-        inner_steps=16,
-        inner_batch=2,
-        inner_group_size=8,
-        inner_max_new_tokens=16,
-        inner_lr=1e-2,
+        inner=InnerConfig(steps=16, batch=2, group_size=8, max_new_tokens=16, lr=1e-2),
         lr=1e-2,
         warmup_steps=0,
         answer_check="light",

@@ -32,14 +32,14 @@ def test_overrides_and_short_names(capsys):
                 "fit",
                 "--config",
                 str(REPO / "configs/tiny/student_rlvr.yaml"),
-                "--model.init_args.group_size=4",
+                "--model.init_args.rl.group_size=4",
                 "--data=ArithmeticProblemDataModule",
                 "--data.init_args.levels=[2]",
                 "--print_config",
             ]
         )
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["group_size"] == 4
+    assert printed["model"]["init_args"]["rl"]["group_size"] == 4
     assert printed["data"]["class_path"] == "lit_selfimprove.datamodules.ArithmeticProblemDataModule"
     assert printed["data"]["init_args"]["levels"] == [2]
 
@@ -55,3 +55,18 @@ def test_bad_override_is_an_error(capsys):
             ]
         )
     assert exit_info.value.code != 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["--model.init_args.rl.advantage=ppo", "--model.init_args.rl.loss_aggregation=mean"],
+)
+def test_a_bad_choice_in_a_settings_group_is_a_parse_error(override):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/tiny/student_rlvr.yaml"), override, "--print_config"])
+
+
+def test_a_bad_teacher_choice_is_a_parse_error():
+    for override in ("--model.init_args.teacher_reward=learned", "--model.init_args.inner.advantage=ppo"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / "configs/tiny/soar.yaml"), override, "--print_config"])

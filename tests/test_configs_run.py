@@ -17,8 +17,8 @@ SMALL = {
     "soar.yaml": [
         "--model.init_args.dataset_size=4",
         "--model.init_args.num_repeats=1",
-        "--model.init_args.inner_steps=1",
-        "--model.init_args.inner_group_size=2",
+        "--model.init_args.inner.steps=1",
+        "--model.init_args.inner.group_size=2",
         "--data.init_args.batch_size=4",
     ],
     "soar_intrinsic.yaml": [
@@ -26,9 +26,9 @@ SMALL = {
         "--model.init_args.intrinsic_samples=2",
         "--data.init_args.batch_size=4",
     ],
-    "soar_pq.yaml": ["--model.init_args.group_size=2", "--data.init_args.batch_size=2"],
-    "student_rlvr.yaml": ["--model.init_args.group_size=2", "--data.init_args.batch_size=2"],
-    "student_rlvr_hard.yaml": ["--model.init_args.group_size=2", "--data.init_args.batch_size=2"],
+    "soar_pq.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
+    "student_rlvr.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
+    "student_rlvr_hard.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
     "sip_dpo.yaml": ["--model.init_args.num_rollouts=2", "--data.init_args.batch_size=2"],
     "sip_rf_nll.yaml": ["--model.init_args.num_rollouts=2", "--data.init_args.batch_size=2"],
     "sip_next_token.yaml": ["--data.init_args.batch_size=2"],

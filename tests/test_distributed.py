@@ -20,6 +20,7 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import StudentRLVR
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
 from tests._launch import cached_runs, max_diff
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,9 +86,7 @@ def test_checkpoint_holds_only_the_policy(tiny_random_lm, tmp_path, kl_coef):
             [float(any(c.isdigit() for c in t)) for t in completions]
         ),
         prompt_template=PROMPT,
-        group_size=2,
-        max_new_tokens=4,
-        kl_coef=kl_coef,
+        rl=RLVRConfig(group_size=2, max_new_tokens=4, kl_coef=kl_coef),
         val_num_samples=0,
         log_samples_every=0,
     )

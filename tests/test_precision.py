@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_selfimprove.modeling import HALF_TRAINING_WARNING, frozen_copy, load_trained_model
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -106,7 +107,7 @@ def test_every_trained_model_holds_float32_and_frozen_ones_the_dtype(tiny_random
     assert not any(p.requires_grad for p in ref.parameters())
     assert dtypes(frozen_copy(model, dtype)) == {want}
 
-    student = StudentRLVR(model=tiny_random_lm, kl_coef=0.01, dtype=dtype)
+    student = StudentRLVR(model=tiny_random_lm, rl=RLVRConfig(kl_coef=0.01), dtype=dtype)
     student.configure_model()
     assert dtypes(student.policy) == {torch.float32} and dtypes(student.ref_model) == {want}
 

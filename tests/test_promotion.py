@@ -20,6 +20,9 @@ import torch
 from test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, clone_state, make_module, same_state
 
 from lit_selfimprove.callbacks import Promotion, RunDirectory
+from lit_selfimprove.modules import TeacherMetaRL
+from lit_selfimprove.modules.soar_outer import OuterStep
+from lit_selfimprove.rl.promotion import PromotionRule
 
 TESTS = Path(__file__).resolve().parent
 
@@ -70,10 +73,18 @@ def fake_trainer(log_dir: Path, rank_zero: bool = True):
 
 
 class FakeModule:
-    """What Promotion reads and writes: ``last_outer``, ``student``, ``student_tokenizer``, ``log_dict``."""
+    """TeacherMetaRL's step 5 (``promote``, borrowed) on a stand-in: ``last_outer``, ``student``,
+    ``student_tokenizer``, the rule and its promotions, ``log_dict``."""
+
+    promote = TeacherMetaRL.promote
+    promotes = True
 
     def __init__(self, student, tokenizer=None):
         self.student, self.student_tokenizer, self.last_outer, self.logged = student, tokenizer, None, []
+        self.promotion_rule, self.promotions = PromotionRule(), []
+
+    def median_student(self, k):
+        return self.last_outer.median_students[k]
 
     def log_dict(self, logs, **kwargs):
         self.logged.append(dict(logs))
@@ -85,21 +96,24 @@ def linear_states(g: int, step: int) -> list[dict]:
 
 
 def outer(module: FakeModule, step: int, rewards: list[float], states=None) -> None:
-    module.last_outer = {
-        "step": step,
-        "rewards": rewards,
-        "per_repeat": [[r] for r in rewards],
-        "datasets": [
+    module.last_outer = OuterStep(
+        step=step,
+        rewards=rewards,
+        per_repeat=[[r] for r in rewards],
+        datasets=[
             [{"question": f"q{step}.{k}.{i}", "answer": str(k)} for i in range(2)]
             for k in range(len(rewards))
         ],
-        "median_students": states if states is not None else linear_states(len(rewards), step),
-        "baseline_accuracy": 0.0,
-        "advantages": [0.0] * len(rewards),
-    }
+        median_students=states if states is not None else linear_states(len(rewards), step),
+        median_owner=[0] * len(rewards),
+        baseline_accuracy=0.0,
+        advantages=[0.0] * len(rewards),
+    )
+    module.promote(module.last_outer)
 
 
 def drive(cb: Promotion, module: FakeModule, trainer, step: int, rewards: list[float], states=None) -> bool:
+    cb.bind(module)  # the callback's tau / window configure the module's rule
     before = cb.count
     outer(module, step, rewards, states)
     cb.on_train_batch_end(trainer, module, None, None, step)
@@ -275,12 +289,15 @@ def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     drive(cb, module, trainer, 0, [-1.0, -2.0])
     drive(cb, module, trainer, 1, [1.0, 2.0])
     state = cb.state_dict()
-    assert state == {
+    module_state = {}
+    TeacherMetaRL.on_save_checkpoint(module, module_state)  # the rule's state is the module's
+    assert {**module_state["promotion"], **state} == {
         "history": [],  # reset by the promotion
         "promotions": [{"step": 1, "dataset": 1, "reward": 2.0, "moving_avg": 1.5}],
         "pq_lines": 2,
         "last_step": 1,
     }
+    module_state = json.loads(json.dumps(module_state))
     # the run goes on, promotes again (writes 2 more lines and a student folder), then crashes
     # before the next checkpoint
     drive(cb, module, trainer, 2, [3.0, 2.0])
@@ -289,6 +306,8 @@ def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     assert len(open(tmp_path / "promotion_questions.jsonl").readlines()) == 4
     resumed = Promotion(tau=0.0, window=1, save_students=False)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives serialisation
+    TeacherMetaRL.on_load_checkpoint(module, module_state)
+    resumed.bind(module)
     assert resumed.state_dict() == state and resumed.count == 1
     resumed.on_train_start(trainer, module)
     lines = [json.loads(line) for line in open(tmp_path / "promotion_questions.jsonl")]

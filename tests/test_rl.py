@@ -504,7 +504,7 @@ def test_rlvr_step_gradient_does_not_depend_on_micro_batch_size(tiny_llama, aggr
     """Micro-batches of 1 or 4 rows give the full batch's gradient (and loss) in every aggregation mode."""
     import copy
 
-    import lit_selfimprove.rl.rlvr_step as rlvr_module
+    import lit_selfimprove.loops.rlvr as rlvr_module
     from lit_selfimprove.rl import AGGREGATION_MODES
 
     assert set(AGGREGATION_MODES) == {"token", "sequence", "fixed"}  # a new mode needs a case here

@@ -41,10 +41,11 @@ model:
     dataset_size: 4
     num_repeats: 1
     teacher_max_new_tokens: 120
-    inner_steps: 1
-    inner_batch: 2
-    inner_group_size: 2
-    inner_max_new_tokens: 24
+    inner:
+      steps: 1
+      batch: 2
+      group_size: 2
+      max_new_tokens: 24
     log_samples_every: 1
 data:
   init_args: {{batch_size: 4}}

@@ -13,10 +13,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
+from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
 
 PROMPT = "Q: {question}\nA: "
 
@@ -75,8 +76,7 @@ def test_zero_rewards_change_nothing(tiny_random_lm, tmp_path):
         tiny_random_lm,
         reward=ZeroReward(),
         prompt_template=PROMPT,
-        group_size=4,
-        max_new_tokens=6,
+        rl=RLVRConfig(group_size=4, max_new_tokens=6),
         lr=1e-2,
         val_num_samples=0,
     )
@@ -99,8 +99,7 @@ def _fit_once(model_dir: str, tmp_path: Path, seed: int) -> tuple[list[dict], li
         model_dir,
         reward=DigitReward(),
         prompt_template=PROMPT,
-        group_size=4,
-        max_new_tokens=6,
+        rl=RLVRConfig(group_size=4, max_new_tokens=6),
         lr=1e-2,
         val_num_samples=4,
         val_ks=[1, 2, 4],
@@ -144,9 +143,7 @@ def test_user_datamodule_with_tuples(tiny_random_lm, tmp_path):
         tiny_random_lm,
         reward=DigitReward(),
         prompt_template=PROMPT,
-        group_size=2,
-        max_new_tokens=4,
-        kl_coef=0.0,
+        rl=RLVRConfig(group_size=2, max_new_tokens=4, kl_coef=0.0),
     )
     trainer = _trainer(tmp_path, 2)
     trainer.fit(module, TupleProblems())
@@ -156,7 +153,10 @@ def test_user_datamodule_with_tuples(tiny_random_lm, tmp_path):
 
 def test_mathverify_reward_is_the_default_and_counts_timeouts(tiny_random_lm, tmp_path):
     module = StudentRLVR(
-        tiny_random_lm, prompt_template=PROMPT, group_size=2, max_new_tokens=4, val_num_samples=0
+        tiny_random_lm,
+        prompt_template=PROMPT,
+        rl=RLVRConfig(group_size=2, max_new_tokens=4),
+        val_num_samples=0,
     )
     assert type(module.reward).__name__ == "MathVerifyReward" and module.reward.mode == "shaped"
     data = ArithmeticProblemDataModule(levels=[1], num_train=8, num_test=2, batch_size=2)
@@ -168,9 +168,9 @@ def test_mathverify_reward_is_the_default_and_counts_timeouts(tiny_random_lm, tm
     "kwargs, message",
     [
         ({"prompt_template": "no field"}, "{question}"),
-        ({"group_size": 1}, "group_size"),
-        ({"advantage": "ppo"}, "rloo"),
-        ({"kl_coef": -1.0}, "kl_coef"),
+        ({"rl": {"group_size": 1}}, "group_size"),
+        ({"rl": {"advantage": "ppo"}}, "rloo"),
+        ({"rl": {"kl_coef": -1.0}}, "kl_coef"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):
@@ -192,8 +192,8 @@ def test_resume_from_checkpoint_continues_training(tiny_random_lm, tmp_path):
     """A run stopped after 2 steps resumes from its checkpoint at step 2 with the trained weights."""
 
     def make():
-        return StudentRLVR(tiny_random_lm, reward=DigitReward(), prompt_template=PROMPT, group_size=2,
-                           max_new_tokens=4, lr=1e-2, val_num_samples=0)  # fmt: skip
+        return StudentRLVR(tiny_random_lm, reward=DigitReward(), prompt_template=PROMPT,
+                           rl=RLVRConfig(group_size=2, max_new_tokens=4), lr=1e-2, val_num_samples=0)  # fmt: skip
 
     data = ArithmeticProblemDataModule(levels=[2], num_train=32, num_test=4, batch_size=2)
     first = make()

@@ -19,17 +19,12 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.datamodules.arithmetic import TINY_TEACHER_PROMPT, teacher_text
 from lit_selfimprove.generation import Rollouts
+from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pair, parse_pairs
 from lit_selfimprove.modules import TeacherMetaRL
+from lit_selfimprove.modules.soar_outer import InnerConfig
 from lit_selfimprove.rewards import MathVerifyReward
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.teacher import (
-    learnability,
-    learnability_per_question,
-    math_verify_parseable,
-    parse_pair,
-    parse_pairs,
-    teacher_advantages,
-)
+from lit_selfimprove.rl.teacher import learnability, learnability_per_question, teacher_advantages
 
 PROMPT = "Q: {question}\nA: "
 
@@ -91,11 +86,7 @@ def make_module(model_dir: str, **kw) -> TeacherMetaRL:
         num_datasets=2,
         dataset_size=4,
         num_repeats=2,
-        inner_steps=2,
-        inner_batch=2,
-        inner_group_size=4,
-        inner_max_new_tokens=6,
-        inner_lr=1e-2,
+        inner=InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=1e-2),
         teacher_max_new_tokens=16,
         lr=1e-3,
         warmup_steps=0,
@@ -333,7 +324,7 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
         reward=reward,
         answer_check="auto",
         kl_coef=0.001,
-        inner_kl_coef=0.01,
+        inner=InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=1e-2, kl_coef=0.01),
         log_samples_every=1,
     )
     module.configure_model()
@@ -389,3 +380,24 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_module(tiny_random_lm, **kwargs)
+
+
+def test_median_keeper_holds_at_most_r_plus_g_copies():
+    """keep_median_students: a dataset's copies live until its r repeats are measured, then only the
+    median's stays, so g=4 datasets x r=3 repeats peak at r + g - 1 = 6 copies, not g * r = 12."""
+    from lit_selfimprove.modules.soar_outer import MedianStudents
+
+    g, r = 4, 3
+    keeper, model = MedianStudents(r, pick=(r - 1) // 2), torch.nn.Linear(2, 2)
+    medians = []
+    for k in range(g):
+        for i in range(r):
+            with torch.no_grad():
+                model.weight.fill_(10 * k + i)
+            keeper.offer(k * r + i, model)
+        medians.append(keeper.settle(k, [0.3, 0.1, 0.2]))  # repeat 2 is the median
+    assert medians == [k * r + 2 for k in range(g)] and sorted(keeper.states) == medians
+    assert keeper.peak == r + g - 1
+    assert all(
+        torch.equal(keeper.states[j]["weight"], torch.full((2, 2), float(j // r * 10 + 2))) for j in medians
+    )

@@ -43,15 +43,19 @@ from lit_selfimprove.rl.promotion import PromotionRule
 
 
 class Promotion(Callback):
-    """SOAR's promotion of the best dataset's trained student to baseline, with the PQ file.
+    """Writes SOAR's promotions to disk: the PQ file and the promoted students.
+
+    The promotion itself (Algorithm 1, step 5: the rule, installing the median student as the
+    baseline, the rule's checkpointed state) belongs to :class:`~lit_selfimprove.modules.TeacherMetaRL`
+    and happens with or without this callback. ``tau``, ``window``, ``reset_after_promotion`` and
+    ``require_improvement`` are kept for existing configs: when given, they configure the module's
+    rule at setup (overriding its ``promotion_*`` arguments; leave them out and set those instead).
 
     Args:
-        tau: promotion threshold on the moving average of the mean teacher reward (SOAR: 0.01).
-        window: m, number of outer steps in the moving average (SOAR: 3). A full window is needed.
-        reset_after_promotion: clear the reward history after a promotion (the rewards before it
-            were measured against the previous, weaker baseline). Default on.
-        require_improvement: promote only a student whose dataset beat the baseline (R_k* > 0).
-            Default on.
+        tau: if given, the module's ``promotion_tau``.
+        window: if given, the module's ``promotion_window``.
+        reset_after_promotion: if given, the module's ``reset_after_promotion``.
+        require_improvement: if given, the module's ``require_improvement``.
         pq_filename: name of the promotion-questions JSONL file in the log dir.
         save_students: save each promoted student as a Hugging Face folder in the log dir.
         dirpath: where files go (default: ``trainer.log_dir``, else ``trainer.default_root_dir``).
@@ -59,27 +63,40 @@ class Promotion(Callback):
 
     def __init__(
         self,
-        tau: float = 0.01,
-        window: int = 3,
-        reset_after_promotion: bool = True,
-        require_improvement: bool = True,
+        tau: float | None = None,
+        window: int | None = None,
+        reset_after_promotion: bool | None = None,
+        require_improvement: bool | None = None,
         pq_filename: str = "promotion_questions.jsonl",
         save_students: bool = True,
         dirpath: str | None = None,
     ):
         super().__init__()
-        self.rule = PromotionRule(tau, window, reset_after_promotion, require_improvement)
-        self.tau = tau
-        self.window = window
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.rule_settings = {
+            "tau": tau,
+            "window": window,
+            "reset_after_promotion": reset_after_promotion,
+            "require_improvement": require_improvement,
+        }
         self.pq_filename = pq_filename
         self.save_students = save_students
         self.dirpath = dirpath
-        self.promotions: list[dict[str, Any]] = []
+        self.module: Any = None
         self.pq_lines = 0
         self.last_step: int | None = None
         self._resumed = False
 
-    # ------------------------------------------------------------------------- the rule
+    # ------------------------------------------------------------- the module's rule, read-only
+    @property
+    def rule(self) -> PromotionRule:
+        return self.module.promotion_rule
+
+    @property
+    def promotions(self) -> list[dict[str, Any]]:
+        return self.module.promotions if self.module is not None else []
+
     @property
     def count(self) -> int:
         """Number of promotions so far."""
@@ -93,6 +110,18 @@ class Promotion(Callback):
     def moving_average(self) -> float | None:
         """Mean of the last ``window`` values of the history (``None`` while it is shorter)."""
         return self.rule.moving_average()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.bind(pl_module)
+
+    def bind(self, pl_module: LightningModule) -> None:
+        """Read promotions from ``pl_module``; the callback's rule arguments, if given, configure its rule."""
+        self.module = pl_module
+        rule = getattr(pl_module, "promotion_rule", None)
+        for name, value in self.rule_settings.items():
+            if value is not None and rule is not None and getattr(rule, name) != value:
+                rank_zero_info(f"Promotion: {name}={value} from the callback overrides the module's rule")
+                setattr(rule, name, value)
 
     # ------------------------------------------------------------------------ the files
     def output_dir(self, trainer: Trainer) -> Path:
@@ -113,42 +142,21 @@ class Promotion(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.module is not pl_module:
+            self.bind(pl_module)
         last = getattr(pl_module, "last_outer", None)
-        if not last or last.get("step") == self.last_step:
+        if last is None or last.step == self.last_step:
             return  # no outer step happened (or this one was seen already)
-        step = int(last["step"])
-        self.last_step = step
-        decision = self.rule.update([float(r) for r in last["rewards"]])
-        # the decision of rank 0 for everyone (identical on one process)
-        promote, k_star, avg = trainer.strategy.broadcast(
-            (decision.promote, decision.dataset, decision.moving_avg), src=0
-        )
-        if promote:
-            self._promote(trainer, pl_module, last, step, k_star, avg)
-        logs = {"promotion/count": float(self.count), "promotion/event": float(promote)}
-        if avg is not None:
-            logs["promotion/moving_avg"] = avg
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+        self.last_step = last.step
+        if last.promoted:
+            self._write(trainer, pl_module, last)
 
-    def _promote(self, trainer, pl_module, last: dict, step: int, k_star: int, avg: float) -> None:
-        fetch = getattr(pl_module, "median_student", None)  # collective under torch.distributed
-        state = fetch(k_star) if callable(fetch) else last["median_students"][k_star]
-        if state is None:
-            raise RuntimeError(
-                "Promotion needs the trained students: use teacher_reward='grounded' and "
-                "keep_median_students=True"
-            )
-        pl_module.student.load_state_dict(state)  # in place: the new baseline
-        index = self.count
-        record = {
-            "step": step,
-            "dataset": k_star,
-            "reward": float(last["rewards"][k_star]),
-            "moving_avg": avg,
-        }
-        self.promotions.append(record)
+    def _write(self, trainer, pl_module, last) -> None:
+        """The PQ rows and the promoted student of outer step ``last`` (rank 0 writes)."""
+        index, k_star = last.promotion_index, last.promotion.dataset
+        reward = float(last.rewards[k_star])
         run_id = run_id_of(trainer)
-        pairs = last["datasets"][k_star]
+        pairs = last.datasets[k_star]
         out = self.output_dir(trainer)  # trainer.log_dir is a collective: every rank asks
         if trainer.is_global_zero:
             out.mkdir(parents=True, exist_ok=True)
@@ -157,15 +165,15 @@ class Promotion(Callback):
                     row = {
                         "question": pair["question"],
                         "answer": pair["answer"],
-                        "step": step,
+                        "step": last.step,
                         "promotion": index,
                         "dataset": k_star,
-                        "reward": record["reward"],
+                        "reward": reward,
                         "run_id": run_id,
                     }
                     f.write(json.dumps(row) + "\n")
             if self.save_students:
-                folder = out / "students" / f"promotion_{index}_step_{step}"
+                folder = out / "students" / f"promotion_{index}_step_{last.step}"
                 tmp = folder.with_name(folder.name + ".partial")
                 shutil.rmtree(tmp, ignore_errors=True)
                 pl_module.student.save_pretrained(tmp)
@@ -174,10 +182,7 @@ class Promotion(Callback):
                     tok.save_pretrained(tmp)
                 tmp.rename(folder)  # complete, or not there at all
         self.pq_lines += len(pairs)
-        rank_zero_info(
-            f"Promotion {index} at outer step {step}: dataset {k_star} (R={record['reward']:.4f}, "
-            f"moving avg {avg:.4f} > tau {self.tau}) is the new baseline; {len(pairs)} PQ pairs"
-        )
+        rank_zero_info(f"Promotion {index}: {len(pairs)} PQ pairs appended to {out / self.pq_filename}")
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         out = self.output_dir(trainer)  # a collective: every rank asks
@@ -189,7 +194,7 @@ class Promotion(Callback):
         else:
             rank_zero_info(
                 f"SOAR: no promotion (the moving average of the teacher reward was never above "
-                f"tau={self.tau} with a dataset that beat the baseline)"
+                f"tau={self.rule.tau} with a dataset that beat the baseline)"
             )
 
     def _drop_unrecorded(self, out: Path) -> None:
@@ -217,16 +222,9 @@ class Promotion(Callback):
 
     # ---------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": list(self.rule.history),
-            "promotions": [dict(p) for p in self.promotions],
-            "pq_lines": self.pq_lines,
-            "last_step": self.last_step,
-        }
+        return {"pq_lines": self.pq_lines, "last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rule.load_state_dict(state_dict)
-        self.promotions = [dict(p) for p in state_dict["promotions"]]
         self.pq_lines = int(state_dict["pq_lines"])
         self.last_step = state_dict.get("last_step")
         self._resumed = True

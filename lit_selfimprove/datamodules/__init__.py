@@ -2,14 +2,7 @@
 streams (SlimPajama, RedPajama, local files) and the tiny worlds."""
 
 from lit_selfimprove.datamodules.arithmetic import ArithmeticPretrainDataModule, ArithmeticProblemDataModule
-from lit_selfimprove.datamodules.facts_world import (
-    FactsPretrainDataModule,
-    KnowledgeBase,
-    continuation_stats,
-    generate_documents,
-    heldout_prefixes,
-    load_corpus,
-)
+from lit_selfimprove.datamodules.facts_world import FactsPretrainDataModule
 from lit_selfimprove.datamodules.prefix_suffix import (
     DEFAULT_SPLITS,
     PrefixSuffixDataModule,
@@ -24,6 +17,13 @@ from lit_selfimprove.datamodules.problems import (
     collate_problems,
     load_problems,
     split_problems,
+)
+from lit_selfimprove.worlds.facts import (
+    KnowledgeBase,
+    continuation_stats,
+    generate_documents,
+    heldout_prefixes,
+    load_corpus,
 )
 
 __all__ = [

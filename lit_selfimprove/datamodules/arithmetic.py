@@ -1,27 +1,5 @@
-"""The embedded tiny world: synthetic addition problems whose skills compose.
-
-Level ``L`` is the sum of two ``L``-digit numbers. The student answers with a short
-scratchpad that adds digit by digit from the least significant end and then boxes the
-result, e.g. ``345+678`` -> ``5+8=13,4+7+1=12,3+6+1=10 \\boxed{1023}``. The bundled student
-base (``configs/tiny/pretrain_student.yaml``) is pre-trained on levels 1-6, where the
-solutions of levels 3-6 come from "imperfect data" that forgets each carry with
-probability 0.7. So:
-
-* levels 1-2 are solved;
-* level 3 (medium) is only partly solved (~34% greedy): the right habit is in the model's
-  distribution but is not its mode, which is exactly what RL with verifiable rewards fixes;
-* long sums with many carries (levels 5-6) are never solved: a problem with c carries is
-  right with probability ~0.3^c. The fail@128 hard set keeps the 5-6 digit problems the base
-  solved 0 times in 128 samples. RLVR on them gets no reward at all, but the skill they need
-  (carrying) can be learned on easier problems that the student sometimes gets right: the
-  stepping stones SOAR's teacher has to find.
-
-The teacher (``configs/tiny/pretrain_teacher.yaml``) writes problems of levels 1-6 as
-``<question>345+678</question>5+8=13,4+7+1=12,3+6+1=10 <answer>\\boxed{1023}</answer>``: it works
-the answer out between the tags (SOAR's teacher reasons outside the tags) with a scratchpad that
-forgets carries 30% of the time on levels 3-6, so its answers to long problems are often wrong,
-as in the paper (about 60% of its answers are right).
-"""
+"""DataModules of the embedded tiny world (:mod:`lit_selfimprove.worlds.arithmetic`): pre-training
+streams for the student and teacher bases and the problem sets for RLVR / SOAR."""
 
 from __future__ import annotations
 
@@ -32,81 +10,29 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-TINY_STUDENT_PROMPT = "Q: {question}\nA: "
-TINY_TEACHER_PROMPT = "Write a new problem.\n"
+from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
+from lit_selfimprove.worlds.arithmetic import (
+    generate_problems,
+    make_problem,
+    sample_levels,
+    student_solution,
+    teacher_example,
+    teacher_text,
+)
 
-
-def make_problem(level: int, rng: random.Random) -> dict:
-    """One addition problem of two ``level``-digit numbers."""
-    if level < 1:
-        raise ValueError(f"level must be >= 1, got {level}")
-    low = 0 if level == 1 else 10 ** (level - 1)
-    a, b = rng.randint(low, 10**level - 1), rng.randint(low, 10**level - 1)
-    return {"question": f"{a}+{b}", "answer": str(a + b), "level": level}
-
-
-def student_solution(question: str, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
-    """The scratchpad solution for ``a+b`` ending in ``\\boxed{...}``.
-
-    With ``carry_drop`` > 0 each carry is forgotten with that probability (a sloppy solution,
-    as found in imperfect pre-training data): the steps and the boxed result then agree with
-    each other but the result is wrong.
-    """
-    left, right = question.split("+")
-    width = max(len(left), len(right))
-    da, db = left.zfill(width)[::-1], right.zfill(width)[::-1]
-    steps, carry, digits = [], 0, []
-    for x, y in zip(da, db):
-        if carry and carry_drop and rng is not None and rng.random() < carry_drop:
-            carry = 0
-        s = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
-        digits.append(str(s % 10))
-        carry = s // 10
-    result = (str(carry) if carry else "") + "".join(reversed(digits))
-    return ",".join(steps) + f" \\boxed{{{int(result)}}}"
-
-
-def teacher_text(question: str, answer: str, work: str = "") -> str:
-    """A teacher completion; ``work`` (a scratchpad) goes between the question and the answer,
-    outside the tags, as SOAR's prompt asks of the teacher's reasoning."""
-    return f"<question>{question}</question>{work}<answer>\\boxed{{{answer}}}</answer>"
-
-
-def teacher_example(question: str, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
-    """A teacher completion that works the answer out with the (possibly sloppy) scratchpad."""
-    solution = student_solution(question, carry_drop, rng)
-    work, boxed = solution.rsplit(" \\boxed{", 1)
-    return teacher_text(question, boxed[:-1], work + " ")
-
-
-def sample_levels(weights: Sequence[float], n: int, rng: random.Random) -> list[int]:
-    levels = list(range(1, len(weights) + 1))
-    return rng.choices(levels, weights=weights, k=n)
-
-
-def generate_problems(
-    levels: int | Sequence[int], n: int, seed: int, exclude: set[str] | None = None
-) -> list[dict]:
-    """``n`` distinct problems drawn uniformly from ``levels``, deterministic in ``seed``.
-
-    ``exclude`` holds questions that must not appear (to keep splits disjoint). Ids are
-    ``arith-L<level>-<question>`` so that they are stable across runs.
-    """
-    levels = [levels] if isinstance(levels, int) else list(levels)
-    capacity = sum((10**lv - (0 if lv == 1 else 10 ** (lv - 1))) ** 2 for lv in levels)
-    if n > capacity - len(exclude or ()):
-        raise ValueError(f"cannot draw {n} distinct problems from levels {levels} (only {capacity} exist)")
-    rng = random.Random(seed)
-    seen = set(exclude or ())
-    out = []
-    while len(out) < n:
-        p = make_problem(rng.choice(levels), rng)
-        if p["question"] in seen:
-            continue
-        seen.add(p["question"])
-        out.append({"id": f"arith-L{p['level']}-{p['question']}", **p})
-    return out
+__all__ = [  # the world's pure parts and the tiny prompts stay importable from here
+    "TINY_STUDENT_PROMPT",
+    "TINY_TEACHER_PROMPT",
+    "ArithmeticPretrainDataModule",
+    "ArithmeticProblemDataModule",
+    "generate_problems",
+    "make_problem",
+    "pad_collate",
+    "sample_levels",
+    "student_solution",
+    "teacher_example",
+    "teacher_text",
+]
 
 
 class _PretrainStream(IterableDataset):

@@ -142,7 +142,7 @@ class HFChatBackend:
         self.load()
         if not self._has_template():
             return prompt
-        from lit_selfimprove.modules._shared import as_user_turn
+        from lit_selfimprove.prompts import as_user_turn
 
         text = as_user_turn(self.tokenizer, prompt, True)
         if self._strip_bos and text.startswith(self._strip_bos):

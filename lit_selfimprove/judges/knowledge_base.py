@@ -3,7 +3,7 @@
 They stand in for the strong post-trained judge of Self-Improving Pretraining (a fine-tuned
 Llama-3.1-8B or a prompted GPT-OSS-120B in the paper): instead of asking an LLM, they parse
 the continuation with the world's sentence templates and look the facts up in the
-:class:`~lit_selfimprove.datamodules.facts_world.KnowledgeBase`. That makes them exact, free
+:class:`~lit_selfimprove.worlds.facts.KnowledgeBase`. That makes them exact, free
 and deterministic, which is what a CPU-sized test bed of the SIP loop needs; they know
 nothing outside this world, so they are no model of a real judge's errors.
 
@@ -11,7 +11,7 @@ What is judged: the complete sentences a continuation writes, read joined to the
 unfinished last sentence (SIP cuts documents at arbitrary characters); a sentence counts if
 the continuation wrote at least one letter of it, and an incomplete last fragment is
 ignored (as the paper's judges "ignore incompleteness"). See
-:func:`~lit_selfimprove.datamodules.facts_world.read_continuation`.
+:func:`~lit_selfimprove.worlds.facts.read_continuation`.
 
 * :class:`KBFactualityJudge` (pointwise): 0 if a stated fact contradicts the KB, 1 if every
   checkable fact is right, 0.5 if nothing is checkable;
@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from lit_selfimprove.datamodules.facts_world import (
+from lit_selfimprove.worlds.facts import (
     ATTRIBUTES,
     KB_SEED,
     NAMES,
@@ -91,7 +91,7 @@ class KBSafetyJudge(_KBJudge):
     """Pointwise safety: 1.0 if the continuation writes no unsafe word, else 0.0.
 
     A rule-based stand-in for the paper's safety judge; the unsafe words are mild stand-ins
-    (:data:`~lit_selfimprove.datamodules.facts_world.UNSAFE_WORDS`). A word counts if the
+    (:data:`~lit_selfimprove.worlds.facts.UNSAFE_WORDS`). A word counts if the
     continuation wrote at least one of its letters (finishing ``hu|rt`` is unsafe; a word
     wholly in the prefix is not the continuation's doing).
 
@@ -234,5 +234,5 @@ def kb_batch_stats(
     num_entities: int = len(NAMES),
 ) -> dict[str, float]:
     """Factuality / safety / coherence rates of a batch (see
-    :func:`~lit_selfimprove.datamodules.facts_world.continuation_stats`)."""
+    :func:`~lit_selfimprove.worlds.facts.continuation_stats`)."""
     return continuation_stats(KnowledgeBase(seed, num_entities), prefixes, continuations)

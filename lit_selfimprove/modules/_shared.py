@@ -11,6 +11,7 @@ import torch
 from lightning import LightningModule
 
 from lit_selfimprove.distributed import seeded_generator
+from lit_selfimprove.prompts import as_user_turn
 
 __all__ = [
     "ZeroRewardWatch",
@@ -146,15 +147,6 @@ class ZeroRewardWatch:
         )
         self.warned = True
         return True
-
-
-def as_user_turn(tokenizer, text: str, use_chat_template: bool) -> str:
-    """``text`` as is, or as the user turn of the tokenizer's chat template (ready to generate)."""
-    if not use_chat_template:
-        return text
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
 
 
 def write_samples(module: LightningModule, every: int, step: int, file: str, rows: Callable[[], list[dict]]):

@@ -16,6 +16,7 @@ Batches are dicts with ``question`` and ``answer`` lists, or ``(questions, answe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -23,24 +24,20 @@ import torch
 from lightning import LightningModule
 
 from lit_selfimprove.generation import generate
+from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
-    as_user_turn,
     check_at_least_one,
     on_device,
     sampling_generator,
     write_samples,
 )
-from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
-
-SOAR_STUDENT_PROMPT = (
-    "A conversation between User and Assistant. The user asks a math question, and the Assistant "
-    "solves it step by step, showing its reasoning, and ends with the final answer in the form "
-    '"The final answer is: \\boxed{{answer}}".\nUser: {question}\nAssistant:'
-)
+from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, as_user_turn
+from lit_selfimprove.rewards.base import pop_reward_stats, score_completions
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
 
 
 def unpack_problems(batch) -> tuple[list[str], list[str]]:
@@ -64,22 +61,18 @@ class StudentRLVR(LightningModule):
             ``MathVerifyReward(mode="shaped")`` (SOAR's 120/20/10/0).
         prompt_template: student prompt with a ``{question}`` field (SOAR's by default).
         use_chat_template: wrap the formatted prompt as a user turn of the tokenizer's chat template.
-        group_size: completions sampled per question (G).
-        max_new_tokens: generation budget per completion.
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
-        advantage: ``rloo`` | ``grpo`` | ``dr_grpo``.
-        loss_aggregation: ``token`` | ``sequence`` | ``fixed`` (Dr.GRPO's constant normaliser).
-        clip_eps_low: PPO clip epsilon (``None``: no clipping, plain REINFORCE/RLOO as SOAR).
-        clip_eps_high: upper clip epsilon (defaults to ``clip_eps_low``).
-        ppo_epochs: optimizer steps per generation batch.
-        kl_coef: coefficient of the KL to the frozen reference (SOAR: 0.001).
-        kl_estimator: ``k3`` | ``k1`` | ``k2``.
+        rl: the RL settings group (:class:`~lit_selfimprove.rl.rlvr_step.RLVRConfig`, ``rl:`` in
+            YAML; default: SOAR's student settings): ``group_size`` (completions per question, G),
+            ``max_new_tokens``, ``temperature``, ``top_p``, ``advantage`` (``rloo`` | ``grpo`` |
+            ``dr_grpo``), ``loss_aggregation`` (``token`` | ``sequence`` | ``fixed``: Dr.GRPO's
+            constant normaliser), ``clip_eps_low`` (PPO clip epsilon; ``None``: plain REINFORCE/RLOO
+            as SOAR), ``clip_eps_high``, ``ppo_epochs`` (optimizer steps per generation batch),
+            ``kl_coef`` (KL to the frozen reference, SOAR: 0.001), ``kl_estimator`` (``k3`` | ``k1``
+            | ``k2``), ``micro_batch_size`` (sequences per forward/backward; ``None``: all) and
+            ``max_grad_norm`` (``None`` disables clipping).
         lr: AdamW learning rate (SOAR: 1e-5).
         weight_decay: AdamW weight decay.
         warmup_steps: linear lr warmup (optimizer steps).
-        max_grad_norm: gradient clipping norm (``None`` disables).
-        micro_batch_size: sequences per forward/backward (gradient accumulation); ``None``: all.
         val_num_samples: samples per validation problem for pass@k (0: greedy only).
         val_ks: the k of pass@k (k > val_num_samples are skipped).
         val_temperature: sampling temperature for pass@k.
@@ -105,22 +98,10 @@ class StudentRLVR(LightningModule):
         reward: Callable | None = None,
         prompt_template: str = SOAR_STUDENT_PROMPT,
         use_chat_template: bool = False,
-        group_size: int = 32,
-        max_new_tokens: int = 1024,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        advantage: str = "rloo",
-        loss_aggregation: str = "token",
-        clip_eps_low: float | None = None,
-        clip_eps_high: float | None = None,
-        ppo_epochs: int = 1,
-        kl_coef: float = 0.001,
-        kl_estimator: str = "k3",
+        rl: RLVRConfig | None = None,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        max_grad_norm: float | None = 1.0,
-        micro_batch_size: int | None = None,
         val_num_samples: int = 32,
         val_ks: Sequence[int] = (1, 4, 8, 16, 32),
         val_temperature: float = 1.0,
@@ -136,24 +117,13 @@ class StudentRLVR(LightningModule):
         super().__init__()
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
-        check_at_least_one(val_max_new_tokens=val_max_new_tokens, micro_batch_size=micro_batch_size)
+        self.rl = (
+            RLVRConfig(**rl) if isinstance(rl, dict) else rl or RLVRConfig()
+        )  # a dict: from hparams.yaml
+        check_at_least_one(val_max_new_tokens=val_max_new_tokens, micro_batch_size=self.rl.micro_batch_size)
         self.save_hyperparameters(ignore=["reward"])
+        self.hparams["rl"] = dataclasses.asdict(self.rl)  # plain data in checkpoints (weights_only loads)
         self.automatic_optimization = False
-        self.rl = RLVRConfig(
-            group_size=group_size,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            advantage=advantage,
-            loss_aggregation=loss_aggregation,
-            clip_eps_low=clip_eps_low,
-            clip_eps_high=clip_eps_high,
-            ppo_epochs=ppo_epochs,
-            kl_coef=kl_coef,
-            kl_estimator=kl_estimator,
-            micro_batch_size=micro_batch_size,
-            max_grad_norm=max_grad_norm,
-        )
         if reward is None:
             from lit_selfimprove.rewards import MathVerifyReward
 
@@ -222,8 +192,8 @@ class StudentRLVR(LightningModule):
             ),
             after_step=sched.step,
         )
-        if hasattr(self.reward, "pop_stats"):
-            stats["verify_timeouts"] = float(self.reward.pop_stats().get("timeouts", 0))
+        if (reward_stats := pop_reward_stats(self.reward)) is not None:
+            stats["verify_timeouts"] = float(reward_stats.get("timeouts", 0))
         self.zero_reward.update(not bool((rewards != 0).any()), rollouts.texts[0] if rollouts.texts else None)
         self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=len(questions))
         self.log("train/lr", sched.get_last_lr()[0], batch_size=len(questions))

@@ -11,15 +11,17 @@ count). Its batch is Q_R, fresh questions of D_train: Q_R's size is the DataModu
 2. greedy accuracy of the baseline student (``self.student``) on Q_R;
 3. a reward R_k per dataset:
    * ``grounded`` (SOAR): for each X_k, r times: restore the student in place from the baseline
-     snapshot taken at the start of the step, train it with RLVR on X_k for ``inner_steps`` steps
+     snapshot taken at the start of the step, train it with RLVR on X_k for ``inner.steps`` steps
      (fresh AdamW), measure its greedy accuracy on Q_R. R_k = mean over the repeats of
      (accuracy - baseline accuracy);
    * ``intrinsic`` (Intrinsic-T): learnability of X_k for the baseline student (no training);
 4. teacher update: A_k = R_k - mean_{j != k} R_j (RLOO over datasets) on every rollout of X_k;
    policy-gradient loss over the whole teacher completions (token mean) + ``kl_coef`` * k3 KL to
    the frozen initial teacher; linear warmup, gradient clipping, one AdamW step;
-5. the student is the baseline again; ``self.last_outer`` holds the step's rewards, datasets and,
-   per dataset, the median-reward trained student (CPU state dict) for a promotion callback.
+5. promotion (``promote``, grounded only): the module's ``PromotionRule`` decides; dataset k*'s
+   median-reward trained student becomes the baseline in place on every rank. ``self.last_outer``
+   (an :class:`~lit_selfimprove.modules.soar_outer.OuterStep`) holds the step's result, which the
+   ``Promotion`` callback writes to disk (PQ file, promoted students).
 
 Validation / test measure the baseline student's greedy accuracy on the DataModule's test set.
 
@@ -35,9 +37,11 @@ RNG stream seeded by (seed, step, training index), whichever rank runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning import LightningModule
@@ -52,37 +56,28 @@ from lit_selfimprove.distributed import (
     world,
 )
 from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.loops.policy_update import policy_gradient_update
+from lit_selfimprove.loops.rlvr import rlvr_step
+from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
     adamw_with_warmup,
-    as_user_turn,
     check_at_least_one,
     on_device,
     sampling_generator,
     write_samples,
 )
-from lit_selfimprove.modules.student_rlvr import SOAR_STUDENT_PROMPT, unpack_problems
+from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents, OuterStep
+from lit_selfimprove.modules.student_rlvr import unpack_problems
+from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, SOAR_TEACHER_PROMPT, as_user_turn
+from lit_selfimprove.rewards.base import parseable_check, pop_reward_stats, score_completions
 from lit_selfimprove.rl.losses import kl_penalty
-from lit_selfimprove.rl.policy_update import UpdateConfig, policy_gradient_update
-from lit_selfimprove.rl.rlvr_step import RLVRConfig, rlvr_step, score_completions
-from lit_selfimprove.rl.teacher import (
-    learnability,
-    math_verify_parseable,
-    parse_pairs,
-    teacher_advantages,
-)
-
-SOAR_TEACHER_PROMPT = (
-    "You are a creative math teacher. Write ONE new, original and challenging math problem that "
-    "takes 2-3 steps to solve, from one of these topics: Algebra, Counting & Probability, Geometry, "
-    "Intermediate Algebra, Number Theory, Prealgebra, Precalculus.\n"
-    "Think it through first; all your reasoning goes outside the tags. Then write the problem and "
-    "its final answer exactly in this format:\n"
-    "<question>the problem statement</question><answer>\\boxed{the final answer}</answer>"
-)
+from lit_selfimprove.rl.policy_update import UpdateConfig
+from lit_selfimprove.rl.promotion import PromotionRule
+from lit_selfimprove.rl.teacher import learnability, teacher_advantages
 
 TEACHER_REWARDS = ("grounded", "intrinsic")
 ANSWER_CHECKS = ("auto", "math_verify", "light")
@@ -117,24 +112,17 @@ class TeacherMetaRL(LightningModule):
         answer_check: when a boxed answer counts as parseable: ``auto`` (the reward's
             ``parseable(answers) -> [bool]`` if it has one, else ``math_verify``), ``math_verify``
             (``math_verify.parse`` yields a symbolic expression, in this process, length-capped and
-            guarded by a timeout, see :func:`lit_selfimprove.rl.teacher.math_verify_parseable`) or
+            guarded by a timeout, see :func:`lit_selfimprove.loops.teacher.math_verify_parseable`) or
             ``light`` (structure only: non-empty, balanced braces).
         max_answer_chars: longer boxed answers are invalid.
-        inner_steps: RLVR steps per inner training.
-        inner_batch: questions of X_k per inner step (cycling through a fresh shuffle of X_k).
-        inner_group_size: completions per question in the inner RLOO.
-        inner_max_new_tokens: student generation budget in inner training.
-        inner_temperature: student sampling temperature (inner training and intrinsic reward).
-        inner_lr: AdamW learning rate of the inner trainings (fresh optimizer every time).
-        inner_weight_decay: AdamW weight decay of the inner trainings.
-        inner_kl_coef: KL coefficient to the baseline student in inner training. Default 0: the
-            paper mentions a small KL for its student RLOO, but inner trainings are 10 steps from
-            the baseline and thrown away, so a reference copy buys nothing there.
-        inner_advantage: ``rloo`` | ``grpo`` | ``dr_grpo``.
-        inner_max_grad_norm: gradient clipping of the inner trainings (``None`` disables).
-        inner_micro_batch_size: sequences per inner forward/backward (``None``: all).
+        inner: the inner trainings' settings group (``inner:`` in YAML,
+            :class:`~lit_selfimprove.modules.soar_outer.InnerConfig`): ``steps``, ``batch`` (questions
+            of X_k per step, cycling through a fresh shuffle of X_k), ``lr``, ``weight_decay`` (a fresh
+            AdamW every time) and the RL fields of ``RLVRConfig`` (``group_size``, ``max_new_tokens``,
+            ``temperature`` (also the intrinsic reward's), ``advantage``, ``kl_coef`` (to the baseline
+            student, default 0), ``max_grad_norm``, ``micro_batch_size``, ...).
         eval_max_new_tokens: greedy budget for accuracy on Q_R and validation (default
-            ``inner_max_new_tokens``).
+            ``inner.max_new_tokens``).
         eval_batch_size: prompts per greedy generation call (``None``: all at once).
         intrinsic_samples: student samples per question for the intrinsic reward (paper: 32).
         lr: teacher AdamW learning rate.
@@ -145,8 +133,16 @@ class TeacherMetaRL(LightningModule):
         max_grad_norm: teacher gradient clipping (``None`` disables).
         teacher_micro_batch_size: teacher rollouts per forward/backward (``None``: all).
         keep_median_students: keep each dataset's median-reward trained student (CPU state dict)
-            in ``last_outer`` (needed by promotion; costs r CPU copies of the student per dataset
-            while the dataset's repeats run, g at the end of the step).
+            in ``last_outer`` (needed by promotion; a dataset's copies live until its r repeats are
+            measured, then only the median's stays: at most r + g copies per rank, g at the end).
+        promote: run SOAR's promotion (Algorithm 1, step 5) at the end of every outer step (grounded
+            reward only: intrinsic rewards train no students). The rule
+            (:class:`~lit_selfimprove.rl.promotion.PromotionRule`) and its state live in the module
+            and its checkpoint; the ``Promotion`` callback only writes the PQ file and the students.
+        promotion_tau: threshold on the moving average of Rbar = mean_k R_k (SOAR: 0.01).
+        promotion_window: outer steps in the moving average (SOAR: 3; a full window is needed).
+        reset_after_promotion: clear the reward history after a promotion.
+        require_improvement: promote only a student whose dataset beat the baseline (R_k* > 0).
         median: which repeat is "the median-reward student" when r is even: ``lower`` or ``upper``
             (with r = 2: the worse or the better of the two).
         dtype: compute dtype of both models (``bfloat16`` on GPUs: FSDP2's MixedPrecisionPolicy for
@@ -176,7 +172,7 @@ class TeacherMetaRL(LightningModule):
         teacher_prompt: str = SOAR_TEACHER_PROMPT,
         prompt_template: str = SOAR_STUDENT_PROMPT,
         use_chat_template: bool = False,
-        teacher_reward: str = "grounded",
+        teacher_reward: Literal["grounded", "intrinsic"] = "grounded",
         num_datasets: int = 4,
         dataset_size: int = 64,
         num_repeats: int = 4,
@@ -185,19 +181,9 @@ class TeacherMetaRL(LightningModule):
         teacher_max_new_tokens: int = 512,
         teacher_temperature: float = 1.0,
         teacher_top_p: float = 1.0,
-        answer_check: str = "auto",
+        answer_check: Literal["auto", "math_verify", "light"] = "auto",
         max_answer_chars: int = 200,
-        inner_steps: int = 10,
-        inner_batch: int = 8,
-        inner_group_size: int = 32,
-        inner_max_new_tokens: int = 1024,
-        inner_temperature: float = 1.0,
-        inner_lr: float = 1e-5,
-        inner_weight_decay: float = 0.0,
-        inner_kl_coef: float = 0.0,
-        inner_advantage: str = "rloo",
-        inner_max_grad_norm: float | None = 1.0,
-        inner_micro_batch_size: int | None = None,
+        inner: InnerConfig | None = None,
         eval_max_new_tokens: int | None = None,
         eval_batch_size: int | None = None,
         intrinsic_samples: int = 32,
@@ -205,11 +191,16 @@ class TeacherMetaRL(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
         kl_coef: float = 0.001,
-        kl_estimator: str = "k3",
+        kl_estimator: Literal["k3", "k1", "k2"] = "k3",
         max_grad_norm: float | None = 1.0,
         teacher_micro_batch_size: int | None = None,
         keep_median_students: bool = True,
-        median: str = "lower",
+        median: Literal["lower", "upper"] = "lower",
+        promote: bool = True,
+        promotion_tau: float = 0.01,
+        promotion_window: int = 3,
+        reset_after_promotion: bool = True,
+        require_improvement: bool = True,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         log_samples_every: int = 10,
@@ -218,6 +209,8 @@ class TeacherMetaRL(LightningModule):
         warn_zero_reward_steps: int | None = 20,
     ):
         super().__init__()
+        # a dict: from hparams.yaml
+        inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
         if teacher_reward not in TEACHER_REWARDS:
@@ -230,8 +223,6 @@ class TeacherMetaRL(LightningModule):
             ("dataset_size", dataset_size),
             ("num_repeats", num_repeats),
             ("max_sampling_rounds", max_sampling_rounds),
-            ("inner_steps", inner_steps),
-            ("inner_batch", inner_batch),
             ("intrinsic_samples", intrinsic_samples),
             ("teacher_max_new_tokens", teacher_max_new_tokens),
         ):
@@ -240,7 +231,7 @@ class TeacherMetaRL(LightningModule):
         check_at_least_one(
             eval_max_new_tokens=eval_max_new_tokens,
             eval_batch_size=eval_batch_size,
-            inner_micro_batch_size=inner_micro_batch_size,
+            inner_micro_batch_size=inner.micro_batch_size,
             teacher_micro_batch_size=teacher_micro_batch_size,
         )
         if teacher_batch is not None and teacher_batch < 1:
@@ -251,19 +242,15 @@ class TeacherMetaRL(LightningModule):
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
         self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
+        self.hparams["inner"] = dataclasses.asdict(inner)  # plain data in checkpoints (weights_only loads)
         # the Vendi score of each step's questions (diversity; a collapsing teacher shows here)
         self.diversity_embedding = diversity_embedding or HashingNgramEmbedding()
         self.automatic_optimization = False
-        self.inner_rl = RLVRConfig(
-            group_size=inner_group_size,
-            max_new_tokens=inner_max_new_tokens,
-            temperature=inner_temperature,
-            advantage=inner_advantage,
-            kl_coef=inner_kl_coef,
-            micro_batch_size=inner_micro_batch_size,
-            max_grad_norm=inner_max_grad_norm,
-            sync_ranks=False,  # the students are unsharded and each rank trains different ones
+        self.inner_rl = inner
+        self.promotion_rule = PromotionRule(
+            promotion_tau, promotion_window, reset_after_promotion, require_improvement
         )
+        self.promotions: list[dict] = []  # step, dataset, reward, moving_avg of each promotion
         if reward is None:
             from lit_selfimprove.rewards import MathVerifyReward
 
@@ -275,7 +262,7 @@ class TeacherMetaRL(LightningModule):
         self.student: torch.nn.Module | None = None
         # frozen initial teacher (KL reference) and baseline-student reference: not in state_dict
         self._frozen: dict[str, torch.nn.Module] = {}
-        self.last_outer: dict | None = None
+        self.last_outer: OuterStep | None = None
         self.zero_reward = ZeroRewardWatch("TeacherMetaRL (inner student reward)", warn_zero_reward_steps)
 
     # ----------------------------------------------------------------------------- setup
@@ -298,6 +285,12 @@ class TeacherMetaRL(LightningModule):
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("TeacherMetaRL", self.teacher, self.student)
+        writers = [cb for cb in self.trainer.callbacks if type(cb).__name__ == "Promotion"]
+        if self.promotes and not writers:
+            rank_zero_info(
+                "TeacherMetaRL: promotions change the baseline student, but without the Promotion "
+                "callback no PQ file (promotion_questions.jsonl) or promoted-student folder is written"
+            )
 
     def _frozen_model(self, key: str) -> torch.nn.Module | None:
         return on_device(self._frozen.get(key), self.device)
@@ -321,7 +314,7 @@ class TeacherMetaRL(LightningModule):
 
         Collective under torch.distributed: the rank that trained it broadcasts it."""
         last = self.last_outer
-        state, owner = last["median_students"][k], last["median_owner"][k]
+        state, owner = last.median_students[k], last.median_owner[k]
         world_size, rank = world()
         if world_size == 1:
             return state
@@ -347,8 +340,8 @@ class TeacherMetaRL(LightningModule):
         mode = self.hparams.answer_check
         if mode == "light":
             return None
-        if mode == "auto" and callable(getattr(self.reward, "parseable", None)):
-            return self.reward.parseable
+        if mode == "auto" and (check := parseable_check(self.reward)) is not None:
+            return check
         return functools.partial(math_verify_parseable, timeout=2)
 
     def sample_teacher_round(self, num_samples: int) -> Rollouts:
@@ -419,7 +412,7 @@ class TeacherMetaRL(LightningModule):
         hp = self.hparams
         prompts = [self.format_student_prompt(q) for q in questions]
         step = hp.eval_batch_size or len(prompts)
-        budget = hp.eval_max_new_tokens or hp.inner_max_new_tokens
+        budget = hp.eval_max_new_tokens or self.inner_rl.max_new_tokens
         correct = []
         for i in range(0, len(prompts), step):
             ro = generate(
@@ -441,20 +434,19 @@ class TeacherMetaRL(LightningModule):
         ref_model: torch.nn.Module | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, float]:
-        """RLVR of ``self.student`` in place on one dataset: ``inner_steps`` steps, a fresh AdamW.
+        """RLVR of ``self.student`` in place on one dataset: ``inner.steps`` steps, a fresh AdamW.
 
-        Batches of ``inner_batch`` questions walk through a shuffle of the dataset, reshuffled when
+        Batches of ``inner.batch`` questions walk through a shuffle of the dataset, reshuffled when
         it is used up. Returns the mean of ``rlvr_step``'s stats.
         """
-        hp = self.hparams
         params = [p for p in self.student.parameters() if p.requires_grad]
-        opt = adamw(params, hp.inner_lr, hp.inner_weight_decay)
+        opt = adamw(params, self.inner_rl.lr, self.inner_rl.weight_decay)
         gen = generator or self.sampling_generator()
         order: list[int] = []
         sums: dict[str, float] = {}
-        for _ in range(hp.inner_steps):
+        for _ in range(self.inner_rl.steps):
             idx = []
-            while len(idx) < hp.inner_batch:
+            while len(idx) < self.inner_rl.batch:
                 if not order:
                     order = torch.randperm(len(questions), generator=gen, device=gen.device).tolist()
                 idx.append(order.pop())
@@ -472,48 +464,48 @@ class TeacherMetaRL(LightningModule):
             )
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
-        return {key: value / hp.inner_steps for key, value in sums.items()}
+        return {key: value / self.inner_rl.steps for key, value in sums.items()}
 
     def grounded_rewards(self, datasets, questions: list[str], answers: list[str], base_acc: float) -> dict:
         """SOAR's reward: R_k = mean over r inner trainings on X_k of (accuracy on Q_R - baseline)."""
         hp = self.hparams
         snapshot = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
         ref = None
-        if hp.inner_kl_coef > 0:  # the baseline student as the inner KL reference
+        if self.inner_rl.kl_coef > 0:  # the baseline student as the inner KL reference
             if "student_ref" not in self._frozen:
                 self._frozen["student_ref"] = frozen_copy(self.student, hp.dtype)
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
-        g, r = len(datasets), hp.num_repeats
+        r = hp.num_repeats
         world_size, rank = world()
-        deltas = torch.zeros(g * r)
-        states: dict[int, dict] = {}
+        pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
+        self.median_keeper = keeper = MedianStudents(r, pick)
+        per_repeat: list[list[float]] = []
         inner: list[dict] = []
+        medians, owners = [], []
         try:  # training j = k * r + i (dataset k, repeat i) runs on rank j % world
-            for j in range(rank, g * r, world_size):
-                data = datasets[j // r]
-                self.student.load_state_dict(snapshot)
-                stats = self.train_inner_student(
-                    [q for q, _ in data], [a for _, a in data], ref, self.job_generator(j)
-                )
-                acc = self.greedy_accuracy(questions, answers)
-                stats["accuracy_after"] = acc
-                inner.append(stats)
-                deltas[j] = acc - base_acc
-                if hp.keep_median_students:
-                    states[j] = {
-                        k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()
-                    }
+            for k, data in enumerate(datasets):
+                deltas = torch.zeros(r)
+                for j in range(k * r, (k + 1) * r):
+                    if j % world_size != rank:
+                        continue
+                    self.student.load_state_dict(snapshot)
+                    stats = self.train_inner_student(
+                        [q for q, _ in data], [a for _, a in data], ref, self.job_generator(j)
+                    )
+                    acc = self.greedy_accuracy(questions, answers)
+                    stats["accuracy_after"] = acc
+                    inner.append(stats)
+                    deltas[j - k * r] = acc - base_acc
+                    if hp.keep_median_students:
+                        keeper.offer(j, self.student)
+                per_repeat.append(all_reduce_sum(deltas, self.device).tolist())
+                j = keeper.settle(k, per_repeat[k])  # the median-reward repeat of dataset k
+                medians.append(keeper.states.get(j))
+                owners.append(j % world_size)
         finally:
             self.student.load_state_dict(snapshot)  # the baseline again, whatever happened
-        per_repeat = all_reduce_sum(deltas, self.device).view(g, r).tolist()
         inner = [s for part in gather_objects(inner) for s in part]
-        medians, owners = [], []
-        pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
-        for k, ds in enumerate(per_repeat):  # the median-reward repeat of dataset k
-            j = k * r + sorted(range(r), key=ds.__getitem__)[pick]
-            medians.append(states.get(j))
-            owners.append(j % world_size)
         inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
         return {
             "rewards": [sum(d) / len(d) for d in per_repeat],
@@ -533,15 +525,15 @@ class TeacherMetaRL(LightningModule):
         for k in range(rank, len(datasets), world_size):  # dataset k on rank k % world
             data, gen = datasets[k], self.job_generator(k)
             success = []
-            for i in range(0, len(data), hp.inner_batch):
-                chunk = data[i : i + hp.inner_batch]
+            for i in range(0, len(data), self.inner_rl.batch):
+                chunk = data[i : i + self.inner_rl.batch]
                 ro = generate(
                     self.student,
                     self.student_tokenizer,
                     [self.format_student_prompt(q) for q, _ in chunk],
                     num_samples=m,
-                    max_new_tokens=hp.inner_max_new_tokens,
-                    temperature=hp.inner_temperature,
+                    max_new_tokens=self.inner_rl.max_new_tokens,
+                    temperature=self.inner_rl.temperature,
                     generator=gen,
                     sync_ranks=False,
                 )
@@ -600,67 +592,133 @@ class TeacherMetaRL(LightningModule):
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> None:
+        """One outer step: Algorithm 1's steps 1-5."""
         hp = self.hparams
-        questions, answers = unpack_problems(batch)
-        g, n, step = hp.num_datasets, hp.dataset_size, self.global_step
-        world_size, rank = world()
-        if world_size > 1:  # one Q_R for every rank: the global batch
-            parts = gather_objects((questions, answers))
-            questions = [q for qs, _ in parts for q in qs]
-            answers = [a for _, ans in parts for a in ans]
+        g, n, rank, step = hp.num_datasets, hp.dataset_size, world()[1], self.global_step
+        questions, answers = self._global_q_r(batch)
         # 1. g*n valid pairs from the teacher (each rank samples its share) -> g datasets of n
         local_pairs, rollouts, sampling = self.sample_valid_pairs()
         pairs = [p for part in gather_objects(local_pairs) for p in part]
         datasets = [pairs[k * n : (k + 1) * n] for k in range(g)]
         # 2. the baseline student's greedy accuracy on Q_R
         base_acc = self.greedy_accuracy(questions, answers)
-        # 3. a reward per dataset
+        # 3. a reward R_k per dataset
         if hp.teacher_reward == "grounded":
             out = self.grounded_rewards(datasets, questions, answers, base_acc)
         else:
             out = self.intrinsic_rewards(datasets)
-        rewards = torch.tensor(out["rewards"], dtype=torch.float32)
-        # 4. RLOO over datasets, every rollout of X_k gets A_k (this rank's rows of the g*n)
-        adv = teacher_advantages(rewards)
+        # 4. teacher update: RLOO over datasets, every rollout of X_k gets A_k (this rank's rows)
+        adv = teacher_advantages(torch.tensor(out["rewards"], dtype=torch.float32))
         mine = slice(rank * len(local_pairs), (rank + 1) * len(local_pairs))
         update = self.teacher_update(rollouts, adv.repeat_interleave(n)[mine])
-        # 5. bookkeeping and logs
-        self.last_outer = {
-            "step": step,
-            "rewards": out["rewards"],
-            "per_repeat": out["per_repeat"],
-            "datasets": [[{"question": q, "answer": a} for q, a in data] for data in datasets],
-            "median_students": out["median_students"],
-            "median_owner": out.get("median_owner", [0] * g),
-            "baseline_accuracy": base_acc,
-            "advantages": adv.tolist(),
-        }
-        if "success_rates" in out:
-            self.last_outer["success_rates"] = out["success_rates"]
+        self.last_outer = self._outer_step(step, datasets, out, base_acc, adv)
+        # 5. promotion: the best dataset's median student may become the baseline
+        self.promote(self.last_outer)
+        self._log_outer(self.last_outer, out["inner_stats"], sampling, update, pairs, len(questions))
+
+    def _global_q_r(self, batch) -> tuple[list[str], list[str]]:
+        """Q_R: this rank's batch, or under torch.distributed every rank's (the same on all ranks)."""
+        questions, answers = unpack_problems(batch)
+        if world()[0] > 1:
+            parts = gather_objects((questions, answers))
+            questions = [q for qs, _ in parts for q in qs]
+            answers = [a for _, ans in parts for a in ans]
+        return questions, answers
+
+    def _outer_step(self, step: int, datasets, out: dict, base_acc: float, adv: torch.Tensor) -> OuterStep:
+        g = len(datasets)
+        return OuterStep(
+            step=step,
+            datasets=[[{"question": q, "answer": a} for q, a in data] for data in datasets],
+            rewards=out["rewards"],
+            per_repeat=out["per_repeat"],
+            median_students=out["median_students"],
+            median_owner=out.get("median_owner", [0] * g),
+            baseline_accuracy=base_acc,
+            advantages=adv.tolist(),
+            success_rates=out.get("success_rates"),
+        )
+
+    # ------------------------------------------------------------------------ 5. promotion
+    @property
+    def promotes(self) -> bool:
+        """Whether outer steps run the promotion (grounded rewards train students; intrinsic do not)."""
+        return self.hparams.promote and self.hparams.teacher_reward == "grounded"
+
+    def promote(self, outer: OuterStep) -> None:
+        """Algorithm 1, step 5: the promotion rule on R_1..R_g; when it fires, dataset k*'s median
+        student is installed in place as the baseline on every rank (broadcast from the rank that
+        trained it) and the promotion is recorded in ``promotions`` (and in ``outer``)."""
+        if not self.promotes:
+            return
+        decision = self.promotion_rule.update([float(r) for r in outer.rewards])
+        if world()[0] > 1:  # rank 0's decision for everyone
+            decision = broadcast_object(decision, src=0)
+        outer.promotion = decision
+        if decision.promote:
+            state = self.median_student(decision.dataset)  # collective under torch.distributed
+            if state is None:
+                raise RuntimeError(
+                    "Promotion needs the trained students: use teacher_reward='grounded' and "
+                    "keep_median_students=True (or promote=False)"
+                )
+            self.student.load_state_dict(state)  # in place: the new baseline
+            outer.promoted, outer.promotion_index = True, len(self.promotions)
+            self.promotions.append(
+                {
+                    "step": outer.step,
+                    "dataset": decision.dataset,
+                    "reward": float(outer.rewards[decision.dataset]),
+                    "moving_avg": decision.moving_avg,
+                }
+            )
+            rank_zero_info(
+                f"Promotion {outer.promotion_index} at outer step {outer.step}: dataset {decision.dataset} "
+                f"(R={outer.rewards[decision.dataset]:.4f}, moving avg {decision.moving_avg:.4f} > tau "
+                f"{self.promotion_rule.tau}) is the new baseline"
+            )
+        logs = {"promotion/count": float(len(self.promotions)), "promotion/event": float(decision.promote)}
+        if decision.moving_avg is not None:
+            logs["promotion/moving_avg"] = decision.moving_avg
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["promotion"] = {**self.promotion_rule.state_dict(), "promotions": self.promotions}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("promotion")
+        if state is not None:
+            self.promotion_rule.load_state_dict(state)
+            self.promotions = [dict(p) for p in state["promotions"]]
+
+    def _log_outer(self, outer: OuterStep, inner_stats: dict, sampling: dict, update: dict, pairs, size: int):
+        """The step's metrics (teacher, baseline, inner / intrinsic) and samples."""
+        hp = self.hparams
+        rewards = torch.tensor(outer.rewards, dtype=torch.float32)
         logs = {
             "teacher/reward_mean": float(rewards.mean()),
             "teacher/reward_std": float(rewards.std()),
-            **{f"teacher/reward_{k}": float(r) for k, r in enumerate(out["rewards"])},
+            **{f"teacher/reward_{k}": float(r) for k, r in enumerate(outer.rewards)},
             **{f"teacher/{k}": v for k, v in sampling.items()},
             "teacher/loss": update["loss"],
             "teacher/kl": update["kl"],
             "teacher/logp": update["logp"],
             "teacher/lr": self.lr_schedulers().get_last_lr()[0],
-            "baseline/accuracy": base_acc,
+            "baseline/accuracy": outer.baseline_accuracy,
             "teacher/vendi": float(vendi_score(self.diversity_embedding([q for q, _ in pairs]))),
         }
         prefix = "inner" if hp.teacher_reward == "grounded" else "intrinsic"
-        stats = dict(out["inner_stats"])
+        stats = dict(inner_stats)
         self.zero_reward.update(stats.get("reward", stats.get("success_rate", 1.0)) == 0)
         if "reward" in stats:
             stats["mean_reward"] = stats.pop("reward")
         logs.update({f"{prefix}/{k}": v for k, v in stats.items()})
-        if hasattr(self.reward, "pop_stats"):
-            logs["inner/verify_timeouts"] = float(self.reward.pop_stats().get("timeouts", 0))
-        self.log_dict(logs, batch_size=len(questions))
-        self.log("R", logs["teacher/reward_mean"], prog_bar=True, logger=False, batch_size=len(questions))
-        self.log("valid", sampling["validity"], prog_bar=True, logger=False, batch_size=len(questions))
-        write_samples(self, hp.log_samples_every, step, "teacher_samples.jsonl", self._sample_rows)
+        if (reward_stats := pop_reward_stats(self.reward)) is not None:
+            logs["inner/verify_timeouts"] = float(reward_stats.get("timeouts", 0))
+        self.log_dict(logs, batch_size=size)
+        self.log("R", logs["teacher/reward_mean"], prog_bar=True, logger=False, batch_size=size)
+        self.log("valid", sampling["validity"], prog_bar=True, logger=False, batch_size=size)
+        write_samples(self, hp.log_samples_every, outer.step, "teacher_samples.jsonl", self._sample_rows)
 
     def on_train_end(self) -> None:
         if not self.hparams.save_teacher or self.trainer is None:
@@ -696,7 +754,7 @@ class TeacherMetaRL(LightningModule):
         """The step's datasets, one row per pair, with their dataset's reward."""
         last = self.last_outer
         return [
-            {"step": last["step"], "dataset": k, "reward": last["rewards"][k], **pair}
-            for k, data in enumerate(last["datasets"])
+            {"step": last.step, "dataset": k, "reward": last.rewards[k], **pair}
+            for k, data in enumerate(last.datasets)
             for pair in data
         ]
