@@ -115,7 +115,13 @@ def build_fail_at_k(
             log.flush()
             bar.update(len(batch))
     bar.close()
+    return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed)
 
+
+def _write_hard_set(
+    out: Path, records: list[dict], done: dict[str, dict], k: int, test_fraction: float, seed: int
+) -> dict:
+    """Write the 0/k problems to ``out``, their train/test split and ``OUT.summary.json``; return the summary."""
     hard = [r for r in records if done[r["id"]]["correct"] == 0]
     _write(out, hard)
     summary = {"problems": len(records), "hard": len(hard), "k": k, "source_seed": seed}

@@ -97,11 +97,15 @@ def test_paper_soar_config_headers_run_themselves_and_name_the_pq_file(name):
 @pytest.mark.parametrize(
     "cls, kwargs",
     [
-        ("StudentRLVR", {"model": "builtin:tiny-student", "max_new_tokens": 0}),
+        ("StudentRLVR", {"model": "builtin:tiny-student", "rl": {"max_new_tokens": 0}}),
         ("StudentRLVR", {"model": "builtin:tiny-student", "val_max_new_tokens": 0}),
         (
             "TeacherMetaRL",
-            {"teacher": "builtin:tiny-teacher", "student": "builtin:tiny-student", "inner_max_new_tokens": 0},
+            {
+                "teacher": "builtin:tiny-teacher",
+                "student": "builtin:tiny-student",
+                "inner": {"max_new_tokens": 0},
+            },
         ),
         (
             "TeacherMetaRL",

@@ -138,6 +138,56 @@ def _tokenize_prompts(
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def _decode(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    eos: torch.Tensor,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    sync_ranks: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KV-cached sampling loop: ``(completion_ids, completion_mask, finished)`` for the prompt rows.
+
+    Rows that hit EOS are padded with ``pad_id`` (mask 0) while the others go on; with ``sync_ranks`` the
+    loop runs until every rank is done.
+    """
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    mask = prompt_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = _cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = _get_cache(out), out.logits[:, -1]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, alive = [], []
+    for step in range(max_new_tokens):
+        nxt = _sample_next(logits, temperature, top_p, generator)
+        alive.append(~done)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, eos)
+        if step == max_new_tokens - 1:
+            break
+        local_done = bool(done.all())
+        if (sync_ranks and not any_rank(not local_done, device)) or (not sync_ranks and local_done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        cache, logits = _get_cache(out), out.logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long(), done
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -186,39 +236,11 @@ def generate(
 
     was_training = model.training
     model.eval()
-    batch = prompt_ids.shape[0]
-    mask = prompt_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = _cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = _get_cache(out), out.logits[:, -1]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, alive = [], []
-    for step in range(max_new_tokens):
-        nxt = _sample_next(logits, temperature, top_p, generator)
-        alive.append(~done)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, eos)
-        if step == max_new_tokens - 1:
-            break
-        local_done = bool(done.all())
-        if (sync_ranks and not any_rank(not local_done, device)) or (not sync_ranks and local_done):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_arg: cache},
-        )
-        cache, logits = _get_cache(out), out.logits[:, -1]
+    completion_ids, completion_mask, done = _decode(
+        model, prompt_ids, prompt_mask, eos, pad_id, max_new_tokens, temperature, top_p, generator, sync_ranks
+    )
     if was_training:
         model.train()
-    completion_ids = torch.stack(tokens, dim=1)
-    completion_mask = torch.stack(alive, dim=1).long()
     texts = tokenizer.batch_decode(
         completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True
     )

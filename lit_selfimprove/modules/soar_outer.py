@@ -1,5 +1,5 @@
-"""SOAR's typed pieces: the inner-training settings group, one outer step's result, and the
-bounded keeper of each dataset's median-reward trained student."""
+"""SOAR's typed pieces: the inner-training settings group, one outer step's result, the bounded
+keeper of each dataset's median-reward trained student, and the check of TeacherMetaRL's arguments."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ from typing import Any
 
 import torch
 
+from lit_selfimprove.modules._shared import check_at_least_one
+from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
+
+TEACHER_REWARDS = ("grounded", "intrinsic")
+ANSWER_CHECKS = ("auto", "math_verify", "light")
 
 
 @dataclass
@@ -66,6 +71,47 @@ class OuterStep:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    @classmethod
+    def from_rewards(
+        cls, step: int, datasets, out: dict, base_acc: float, advantages: list[float]
+    ) -> OuterStep:
+        """The step's result from its (question, answer) datasets and a reward computation's ``out``."""
+        return cls(
+            step=step,
+            datasets=[[{"question": q, "answer": a} for q, a in data] for data in datasets],
+            rewards=out["rewards"],
+            per_repeat=out["per_repeat"],
+            median_students=out["median_students"],
+            median_owner=out.get("median_owner", [0] * len(datasets)),
+            baseline_accuracy=base_acc,
+            advantages=advantages,
+            success_rates=out.get("success_rates"),
+        )
+
+    def teacher_logs(self, sampling: dict, update: dict, lr: float, vendi: float) -> dict[str, float]:
+        """The step's teacher / baseline metrics: rewards, sampling stats, the update's loss, kl, logp."""
+        rewards = torch.tensor(self.rewards, dtype=torch.float32)
+        return {
+            "teacher/reward_mean": float(rewards.mean()),
+            "teacher/reward_std": float(rewards.std()),
+            **{f"teacher/reward_{k}": float(r) for k, r in enumerate(self.rewards)},
+            **{f"teacher/{k}": v for k, v in sampling.items()},
+            "teacher/loss": update["loss"],
+            "teacher/kl": update["kl"],
+            "teacher/logp": update["logp"],
+            "teacher/lr": lr,
+            "baseline/accuracy": self.baseline_accuracy,
+            "teacher/vendi": vendi,
+        }
+
+    def sample_rows(self) -> list[dict]:
+        """The step's datasets, one row per pair, with their dataset's reward."""
+        return [
+            {"step": self.step, "dataset": k, "reward": self.rewards[k], **pair}
+            for k, data in enumerate(self.datasets)
+            for pair in data
+        ]
+
 
 class MedianStudents:
     """Per dataset, the CPU copies of trained students that can still be its median.
@@ -92,3 +138,33 @@ class MedianStudents:
             if j != median:
                 self.states.pop(j, None)
         return median
+
+
+def check_soar_hparams(hp, inner: InnerConfig) -> None:
+    """``ValueError`` for TeacherMetaRL's invalid arguments (``hp``: its hyper-parameters)."""
+    if "{question}" not in hp.prompt_template:
+        raise ValueError("prompt_template must contain a '{question}' field")
+    if hp.teacher_reward not in TEACHER_REWARDS:
+        raise ValueError(f"teacher_reward must be one of {TEACHER_REWARDS}, got {hp.teacher_reward!r}")
+    if hp.answer_check not in ANSWER_CHECKS:
+        raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {hp.answer_check!r}")
+    if hp.num_datasets < 2:
+        raise ValueError(f"num_datasets must be >= 2 for RLOO over datasets, got {hp.num_datasets}")
+    for name in ("dataset_size", "num_repeats", "max_sampling_rounds", "intrinsic_samples"):
+        if hp[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {hp[name]}")
+    if hp.teacher_max_new_tokens < 1:
+        raise ValueError(f"teacher_max_new_tokens must be >= 1, got {hp.teacher_max_new_tokens}")
+    check_at_least_one(
+        eval_max_new_tokens=hp.eval_max_new_tokens,
+        eval_batch_size=hp.eval_batch_size,
+        inner_micro_batch_size=inner.micro_batch_size,
+        teacher_micro_batch_size=hp.teacher_micro_batch_size,
+    )
+    if hp.teacher_batch is not None and hp.teacher_batch < 1:
+        raise ValueError(f"teacher_batch must be >= 1 or None, got {hp.teacher_batch}")
+    if hp.median not in ("lower", "upper"):
+        raise ValueError(f"median must be 'lower' or 'upper', got {hp.median!r}")
+    if hp.kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {hp.kl_coef}")
+    kl_penalty(torch.zeros(1), torch.zeros(1), hp.kl_estimator)  # validates the name

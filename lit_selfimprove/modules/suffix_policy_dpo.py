@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from lightning import LightningModule
@@ -38,6 +37,15 @@ from torch import Tensor
 from lit_selfimprove.distributed import all_reduce_max, all_reduce_sum, seeded_generator, world_size
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
+from lit_selfimprove.loops.sip import (
+    Candidates,
+    _nanmean,
+    _pad_to,
+    judge_about,
+    judge_problems,
+    loss_stats,
+    tokenize_after,
+)
 from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
@@ -50,110 +58,13 @@ from lit_selfimprove.modules._shared import (
 )
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import dpo_loss, nll_loss
+from lit_selfimprove.rl.selection import Selection, select_pairs
 
 SOURCES = ("rollout", "suffix", "rewrite")
 LOSSES = ("dpo", "rf_nll")
+__all__ = ["Candidates", "Selection", "SuffixPolicyDPO", "select_pairs", "tokenize_after"]
+
 BATCH_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_text", "suffix_text")
-
-
-# --------------------------------------------------------------------------- selection
-@dataclass
-class Selection:
-    """Chosen / rejected candidate per prefix (``-1`` where the prefix is skipped, and the
-    rejected one where there is none: RF-NLL on a prefix whose scores are all equal)."""
-
-    chosen: Tensor  # [B] long
-    rejected: Tensor  # [B] long
-    valid: Tensor  # [B] bool: the prefix is trained (a chosen, and for DPO a rejected candidate)
-    tie_best: Tensor  # [B] bool: several candidates shared the best score
-    tie_worst: Tensor  # [B] bool: several candidates shared the worst score
-
-
-def _pick(indices: Tensor, generator: torch.Generator | None) -> int:
-    # draw only on a tie, so that untied steps leave the generator (and the run) unchanged
-    if len(indices) == 1:
-        return int(indices[0])
-    return int(indices[torch.randint(len(indices), (1,), generator=generator)])
-
-
-def select_pairs(
-    total: Tensor, generator: torch.Generator | None = None, atol: float = 1e-6, need_rejected: bool = True
-) -> Selection:
-    """Per row of ``total`` ``[B, C]``: chosen = argmax, rejected = argmin, ``nan`` excluded.
-
-    ``need_rejected`` (DPO): a row with fewer than two scored candidates, or whose scores are
-    all equal (within ``atol``: win rates computed in floating point), carries no preference and
-    is skipped. ``need_rejected=False`` (RF-NLL, which trains on the best candidate only): only
-    a row without any score is skipped; where all scores are equal, every candidate is a best
-    one and no rejected one is named (``-1``). Several candidates sharing the best (worst) score
-    are a tie, broken uniformly at random with ``generator`` (a fixed order would favour, e.g.,
-    rollout 0 or the suffix).
-    """
-    if total.ndim != 2:
-        raise ValueError(f"total must be [B, C], got {tuple(total.shape)}")
-    total = total.detach().float().cpu()
-    rows = total.shape[0]
-    chosen = torch.full((rows,), -1, dtype=torch.long)
-    rejected = chosen.clone()
-    tie_best = torch.zeros(rows, dtype=torch.bool)
-    tie_worst = tie_best.clone()
-    for b in range(rows):
-        row = total[b]
-        scored = ~torch.isnan(row)
-        if not scored.any():
-            continue
-        hi, lo = float(row[scored].max()), float(row[scored].min())
-        spread = hi - lo > atol
-        if need_rejected and not spread:
-            continue
-        best = (scored & (row >= hi - atol)).nonzero().flatten()
-        chosen[b], tie_best[b] = _pick(best, generator), len(best) > 1
-        if spread:
-            worst = (scored & (row <= lo + atol)).nonzero().flatten()
-            rejected[b], tie_worst[b] = _pick(worst, generator), len(worst) > 1
-    return Selection(chosen, rejected, chosen >= 0, tie_best, tie_worst)
-
-
-@dataclass
-class Candidates:
-    """The candidate continuations of ``B`` prefixes: ``C`` per prefix, as tokens and text."""
-
-    ids: Tensor  # [B, C, T] right-padded continuation tokens
-    mask: Tensor  # [B, C, T] 1 for real tokens
-    texts: list[list[str]]  # [B][C] what the judge reads
-    sources: list[str]  # [C] "rollout" | "suffix" | "rewrite"
-    unaligned_rewrites: int = 0  # rewrites left out: no tokens continue the prefix's with their text
-
-
-def tokenize_after(
-    tokenizer, prefixes: list[str], texts: list[str]
-) -> list[tuple[list[int], list[int] | None]]:
-    """``(prefix tokens, text tokens)`` per pair: the tokens of ``prefix + text`` after the prefix's own.
-
-    A text tokenized on its own may start differently than in context: with SentencePiece-style
-    tokenizers a leading space is part of the next token (``"France" + ". It"``: ``. ▁It`` in
-    context, but ``▁ . ▁It`` alone). The text tokens are ``None`` when the text changes the
-    prefix's last tokens (``"... Tal" + "va"`` is one token ``▁Talva``): then no tokens continue
-    the prefix's tokens with exactly that text.
-    """
-    kw = {"add_special_tokens": False, "verbose": False}
-    heads = tokenizer(list(prefixes), **kw)["input_ids"]
-    joints = tokenizer([p + t for p, t in zip(prefixes, texts)], **kw)["input_ids"]
-    return [(h, j[len(h) :] if j[: len(h)] == h else None) for h, j in zip(heads, joints)]
-
-
-def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
-    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
-
-
-def _nanmean(x: Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return float(x.mean()) if x.numel() else math.nan
-
-
-def _clip(text: str, size: int = 300) -> str:
-    """``text``, or its start and end (where a verdict would be) when longer than ``size``."""
-    return text if len(text) <= size else f"{text[: size // 2]} [...] {text[-size // 2 :]}"
 
 
 class SuffixPolicyDPO(LightningModule):
@@ -453,27 +364,13 @@ class SuffixPolicyDPO(LightningModule):
         hp = self.hparams
         judged = [float(scores.stats.get("unparseable", 0)), float(scores.stats.get("calls", 0))]
         bad, calls = all_reduce_sum(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
-        skipped, prefixes = counts["skipped"], counts["prefixes"]
-        problems = []
-        if calls > 0 and bad / calls > hp.max_unparseable_frac:
-            problems.append(
-                f"{bad / calls:.0%} of the judge's verdicts were unparseable ({bad:.0f}/{calls:.0f})"
-            )
-        if prefixes > 0 and skipped / prefixes > hp.max_skipped_frac:
-            problems.append(
-                f"{skipped / prefixes:.0%} of the prefixes were skipped ({skipped:.0f}/{prefixes:.0f}: "
-                "nothing learned from them)"
-            )
+        problems = judge_problems(
+            bad, calls, counts["skipped"], counts["prefixes"], hp.max_unparseable_frac, hp.max_skipped_frac
+        )
         self._bad_judge_steps = self._bad_judge_steps + 1 if problems else 0
         if not problems:
             return
-        judge = self.judge
-        about = f"Judge: {type(judge).__name__}"
-        reply, expected = getattr(judge, "last_unparseable", None), getattr(judge, "expected_format", None)
-        if reply is not None:
-            about += f"; last unparseable reply: {_clip(reply)!r}"
-        if expected:
-            about += f"; expected: {expected}"
+        about = judge_about(self.judge)
         what = " and ".join(problems)
         limits = (
             f"max_unparseable_frac={hp.max_unparseable_frac}, max_skipped_frac={hp.max_skipped_frac}, "
@@ -566,27 +463,7 @@ class SuffixPolicyDPO(LightningModule):
 
     def _loss_stats(self, v: dict[str, Tensor]) -> dict[str, float]:
         """This rank's per-pair values -> logged numbers."""
-        if not v:
-            return {}
-        out = {"nll_chosen": float(v["nll_sum"].sum() / v["tokens"].sum().clamp(min=1))}
-        if self.hparams.loss == "rf_nll":
-            out["loss"] = out["rf_nll"] = out["nll_chosen"]
-            return out
-        loss, stats = dpo_loss(
-            v["policy_chosen"],
-            v["policy_rejected"],
-            v["ref_chosen"],
-            v["ref_rejected"],
-            beta=self.hparams.beta,
-        )
-        out.update(
-            loss=float(loss),
-            dpo_margin=float(stats["margin"]),
-            dpo_accuracy=float(stats["accuracy"]),
-            reward_chosen=float(stats["reward_chosen"]),
-            reward_rejected=float(stats["reward_rejected"]),
-        )
-        return out
+        return loss_stats(v, self.hparams.loss, self.hparams.beta)
 
     # ------------------------------------------------------------------------------ logs
     def _log_step(

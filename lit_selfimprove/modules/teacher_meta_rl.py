@@ -49,38 +49,37 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.distributed import (
     all_reduce_sum,
-    any_rank,
     broadcast_object,
     gather_objects,
     seeded_generator,
     world,
 )
 from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
-from lit_selfimprove.loops.rlvr import rlvr_step
-from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
+from lit_selfimprove.loops.teacher import math_verify_parseable
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
     adamw_with_warmup,
-    check_at_least_one,
     on_device,
     sampling_generator,
     write_samples,
 )
-from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents, OuterStep
+from lit_selfimprove.modules.soar_outer import (
+    InnerConfig,
+    MedianStudents,
+    OuterStep,
+    check_soar_hparams,
+)
 from lit_selfimprove.modules.student_rlvr import unpack_problems
 from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, SOAR_TEACHER_PROMPT, as_user_turn
-from lit_selfimprove.rewards.base import parseable_check, pop_reward_stats, score_completions
-from lit_selfimprove.rl.losses import kl_penalty
+from lit_selfimprove.rewards.base import parseable_check, pop_reward_stats
 from lit_selfimprove.rl.policy_update import UpdateConfig
 from lit_selfimprove.rl.promotion import PromotionRule
-from lit_selfimprove.rl.teacher import learnability, teacher_advantages
-
-TEACHER_REWARDS = ("grounded", "intrinsic")
-ANSWER_CHECKS = ("auto", "math_verify", "light")
+from lit_selfimprove.rl.teacher import teacher_advantages
 
 
 class TeacherMetaRL(LightningModule):
@@ -211,37 +210,8 @@ class TeacherMetaRL(LightningModule):
         super().__init__()
         # a dict: from hparams.yaml
         inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
-        if "{question}" not in prompt_template:
-            raise ValueError("prompt_template must contain a '{question}' field")
-        if teacher_reward not in TEACHER_REWARDS:
-            raise ValueError(f"teacher_reward must be one of {TEACHER_REWARDS}, got {teacher_reward!r}")
-        if answer_check not in ANSWER_CHECKS:
-            raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {answer_check!r}")
-        if num_datasets < 2:
-            raise ValueError(f"num_datasets must be >= 2 for RLOO over datasets, got {num_datasets}")
-        for name, value in (
-            ("dataset_size", dataset_size),
-            ("num_repeats", num_repeats),
-            ("max_sampling_rounds", max_sampling_rounds),
-            ("intrinsic_samples", intrinsic_samples),
-            ("teacher_max_new_tokens", teacher_max_new_tokens),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        check_at_least_one(
-            eval_max_new_tokens=eval_max_new_tokens,
-            eval_batch_size=eval_batch_size,
-            inner_micro_batch_size=inner.micro_batch_size,
-            teacher_micro_batch_size=teacher_micro_batch_size,
-        )
-        if teacher_batch is not None and teacher_batch < 1:
-            raise ValueError(f"teacher_batch must be >= 1 or None, got {teacher_batch}")
-        if median not in ("lower", "upper"):
-            raise ValueError(f"median must be 'lower' or 'upper', got {median!r}")
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the name
         self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
+        check_soar_hparams(self.hparams, inner)
         self.hparams["inner"] = dataclasses.asdict(inner)  # plain data in checkpoints (weights_only loads)
         # the Vendi score of each step's questions (diversity; a collapsing teacher shows here)
         self.diversity_embedding = diversity_embedding or HashingNgramEmbedding()
@@ -363,68 +333,30 @@ class TeacherMetaRL(LightningModule):
         the teacher rollouts they came from (row i wrote pair i). Raises ``RuntimeError`` (naming the
         validity rate) when ``max_sampling_rounds`` rounds do not give enough valid pairs."""
         hp = self.hparams
-        world_size, _ = world()
-        total = hp.num_datasets * hp.dataset_size
-        if total % world_size:
-            raise ValueError(
-                f"num_datasets * dataset_size = {total} pairs must split evenly over {world_size} ranks"
-            )
-        needed = total // world_size  # this rank's share
-        per_round = -(-hp.teacher_batch // world_size) if hp.teacher_batch else needed
-        check = self.answers_ok()
-        pairs: list[tuple[str, str]] = []
-        kept: list[Rollouts] = []
-        sampled = valid = rounds = 0
-        lengths, truncated = [], []
-        # every rank samples until all ranks have their share (same number of teacher forwards)
-        while any_rank(len(pairs) < needed, self.device):
-            if rounds == hp.max_sampling_rounds:
-                rate = valid / max(1, sampled)
-                raise RuntimeError(
-                    f"TeacherMetaRL: the teacher wrote {valid} valid (question, answer) pairs in {sampled} "
-                    f"samples ({rounds} rounds of {per_round}): validity rate {rate:.1%}, but "
-                    f"{needed} are needed (num_datasets * dataset_size / ranks). Raise max_sampling_rounds or "
-                    "teacher_batch, or check teacher_prompt, teacher_max_new_tokens and answer_check."
-                )
-            ro = self.sample_teacher_round(per_round)
-            rounds += 1
-            sampled += len(ro)
-            lengths.append(ro.lengths.float())
-            truncated.append((~ro.finished).float())
-            parsed = parse_pairs(ro.texts, check, hp.max_answer_chars)
-            good = [i for i, p in enumerate(parsed) if p is not None]
-            valid += len(good)
-            take = good[: needed - len(pairs)]
-            if take:
-                kept.append(ro.select(take))
-                pairs.extend(parsed[i] for i in take)
-        stats = {
-            "validity": valid / sampled,
-            "sampling_rounds": float(rounds),
-            "completion_len": float(torch.cat(lengths).mean()),
-            "truncated_frac": float(torch.cat(truncated).mean()),
-        }
-        return pairs, Rollouts.cat(kept, self.teacher_tokenizer.pad_token_id), stats
+        return soar_loops.sample_valid_pairs(
+            self.sample_teacher_round,
+            hp.num_datasets * hp.dataset_size,
+            hp.teacher_batch,
+            hp.max_sampling_rounds,
+            self.answers_ok(),
+            hp.max_answer_chars,
+            self.teacher_tokenizer.pad_token_id,
+            self.device,
+        )
 
     # ------------------------------------------------------------------ 2. student accuracy
     def greedy_accuracy(self, questions: list[str], answers: list[str]) -> float:
         """Greedy accuracy of ``self.student`` (in its current weights) on the given problems."""
         hp = self.hparams
-        prompts = [self.format_student_prompt(q) for q in questions]
-        step = hp.eval_batch_size or len(prompts)
-        budget = hp.eval_max_new_tokens or self.inner_rl.max_new_tokens
-        correct = []
-        for i in range(0, len(prompts), step):
-            ro = generate(
-                self.student,
-                self.student_tokenizer,
-                prompts[i : i + step],
-                max_new_tokens=budget,
-                temperature=0.0,
-                sync_ranks=False,
-            )
-            correct.append(score_completions(self.reward, ro.texts, answers[i : i + step])[1])
-        return float(torch.cat(correct).float().mean())
+        return soar_loops.greedy_accuracy(
+            self.student,
+            self.student_tokenizer,
+            self.reward,
+            [self.format_student_prompt(q) for q in questions],
+            answers,
+            hp.eval_batch_size,
+            hp.eval_max_new_tokens or self.inner_rl.max_new_tokens,
+        )
 
     # ------------------------------------------------------------------ 3. teacher rewards
     def train_inner_student(
@@ -439,32 +371,20 @@ class TeacherMetaRL(LightningModule):
         Batches of ``inner.batch`` questions walk through a shuffle of the dataset, reshuffled when
         it is used up. Returns the mean of ``rlvr_step``'s stats.
         """
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        opt = adamw(params, self.inner_rl.lr, self.inner_rl.weight_decay)
-        gen = generator or self.sampling_generator()
-        order: list[int] = []
-        sums: dict[str, float] = {}
-        for _ in range(self.inner_rl.steps):
-            idx = []
-            while len(idx) < self.inner_rl.batch:
-                if not order:
-                    order = torch.randperm(len(questions), generator=gen, device=gen.device).tolist()
-                idx.append(order.pop())
-            stats, _, _ = rlvr_step(
-                self.student,
-                self.student_tokenizer,
-                self.reward,
-                [self.format_student_prompt(questions[i]) for i in idx],
-                [answers[i] for i in idx],
-                self.inner_rl,
-                optimizer=opt,
-                ref_model=ref_model,
-                clip=lambda norm: torch.nn.utils.clip_grad_norm_(params, norm),
-                generator=gen,
-            )
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-        return {key: value / self.inner_rl.steps for key, value in sums.items()}
+        cfg = self.inner_rl
+        return soar_loops.train_inner(
+            self.student,
+            self.student_tokenizer,
+            self.reward,
+            [self.format_student_prompt(q) for q in questions],
+            answers,
+            cfg,
+            cfg.steps,
+            cfg.batch,
+            adamw(self.student.parameters(), cfg.lr, cfg.weight_decay),
+            ref_model,
+            generator or self.sampling_generator(),
+        )
 
     def grounded_rewards(self, datasets, questions: list[str], answers: list[str], base_acc: float) -> dict:
         """SOAR's reward: R_k = mean over r inner trainings on X_k of (accuracy on Q_R - baseline)."""
@@ -518,43 +438,19 @@ class TeacherMetaRL(LightningModule):
     def intrinsic_rewards(self, datasets) -> dict:
         """Intrinsic-T: per question of X_k, success rate s of ``intrinsic_samples`` baseline-student
         samples against the teacher's answer; r = 0 if s == 0 else 1 - s; R_k = mean over X_k."""
-        hp = self.hparams
-        m = hp.intrinsic_samples
-        world_size, rank = world()
-        local: dict[int, list[float]] = {}
-        for k in range(rank, len(datasets), world_size):  # dataset k on rank k % world
-            data, gen = datasets[k], self.job_generator(k)
-            success = []
-            for i in range(0, len(data), self.inner_rl.batch):
-                chunk = data[i : i + self.inner_rl.batch]
-                ro = generate(
-                    self.student,
-                    self.student_tokenizer,
-                    [self.format_student_prompt(q) for q, _ in chunk],
-                    num_samples=m,
-                    max_new_tokens=self.inner_rl.max_new_tokens,
-                    temperature=self.inner_rl.temperature,
-                    generator=gen,
-                    sync_ranks=False,
-                )
-                _, correct = score_completions(self.reward, ro.texts, [a for _, a in chunk for _ in range(m)])
-                success.append(correct.float().view(-1, m).mean(-1))
-            local[k] = torch.cat(success).tolist()
-        gathered = {k: v for part in gather_objects(local) for k, v in part.items()}
-        rates = [gathered[k] for k in range(len(datasets))]
-        rewards = [learnability(torch.tensor(s)) for s in rates]
-        flat = torch.tensor([x for r in rates for x in r])
-        return {
-            "rewards": rewards,
-            "per_repeat": [[r] for r in rewards],
-            "median_students": [None] * len(datasets),
-            "median_owner": [0] * len(datasets),
-            "success_rates": rates,
-            "inner_stats": {
-                "success_rate": float(flat.mean()),
-                "unsolved_frac": float((flat == 0).float().mean()),
-            },
-        }
+        cfg = self.inner_rl
+        return soar_loops.intrinsic_rewards(
+            self.student,
+            self.student_tokenizer,
+            self.reward,
+            self.format_student_prompt,
+            datasets,
+            self.hparams.intrinsic_samples,
+            cfg.batch,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            self.job_generator,
+        )
 
     # ------------------------------------------------------------------ 4. teacher update
     def teacher_update(self, rollouts: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
@@ -611,7 +507,7 @@ class TeacherMetaRL(LightningModule):
         adv = teacher_advantages(torch.tensor(out["rewards"], dtype=torch.float32))
         mine = slice(rank * len(local_pairs), (rank + 1) * len(local_pairs))
         update = self.teacher_update(rollouts, adv.repeat_interleave(n)[mine])
-        self.last_outer = self._outer_step(step, datasets, out, base_acc, adv)
+        self.last_outer = OuterStep.from_rewards(step, datasets, out, base_acc, adv.tolist())
         # 5. promotion: the best dataset's median student may become the baseline
         self.promote(self.last_outer)
         self._log_outer(self.last_outer, out["inner_stats"], sampling, update, pairs, len(questions))
@@ -624,20 +520,6 @@ class TeacherMetaRL(LightningModule):
             questions = [q for qs, _ in parts for q in qs]
             answers = [a for _, ans in parts for a in ans]
         return questions, answers
-
-    def _outer_step(self, step: int, datasets, out: dict, base_acc: float, adv: torch.Tensor) -> OuterStep:
-        g = len(datasets)
-        return OuterStep(
-            step=step,
-            datasets=[[{"question": q, "answer": a} for q, a in data] for data in datasets],
-            rewards=out["rewards"],
-            per_repeat=out["per_repeat"],
-            median_students=out["median_students"],
-            median_owner=out.get("median_owner", [0] * g),
-            baseline_accuracy=base_acc,
-            advantages=adv.tolist(),
-            success_rates=out.get("success_rates"),
-        )
 
     # ------------------------------------------------------------------------ 5. promotion
     @property
@@ -694,19 +576,9 @@ class TeacherMetaRL(LightningModule):
     def _log_outer(self, outer: OuterStep, inner_stats: dict, sampling: dict, update: dict, pairs, size: int):
         """The step's metrics (teacher, baseline, inner / intrinsic) and samples."""
         hp = self.hparams
-        rewards = torch.tensor(outer.rewards, dtype=torch.float32)
-        logs = {
-            "teacher/reward_mean": float(rewards.mean()),
-            "teacher/reward_std": float(rewards.std()),
-            **{f"teacher/reward_{k}": float(r) for k, r in enumerate(outer.rewards)},
-            **{f"teacher/{k}": v for k, v in sampling.items()},
-            "teacher/loss": update["loss"],
-            "teacher/kl": update["kl"],
-            "teacher/logp": update["logp"],
-            "teacher/lr": self.lr_schedulers().get_last_lr()[0],
-            "baseline/accuracy": outer.baseline_accuracy,
-            "teacher/vendi": float(vendi_score(self.diversity_embedding([q for q, _ in pairs]))),
-        }
+        lr = self.lr_schedulers().get_last_lr()[0]
+        vendi = float(vendi_score(self.diversity_embedding([q for q, _ in pairs])))
+        logs = outer.teacher_logs(sampling, update, lr, vendi)
         prefix = "inner" if hp.teacher_reward == "grounded" else "intrinsic"
         stats = dict(inner_stats)
         self.zero_reward.update(stats.get("reward", stats.get("success_rate", 1.0)) == 0)
@@ -718,7 +590,9 @@ class TeacherMetaRL(LightningModule):
         self.log_dict(logs, batch_size=size)
         self.log("R", logs["teacher/reward_mean"], prog_bar=True, logger=False, batch_size=size)
         self.log("valid", sampling["validity"], prog_bar=True, logger=False, batch_size=size)
-        write_samples(self, hp.log_samples_every, outer.step, "teacher_samples.jsonl", self._sample_rows)
+        write_samples(
+            self, hp.log_samples_every, outer.step, "teacher_samples.jsonl", self.last_outer.sample_rows
+        )
 
     def on_train_end(self) -> None:
         if not self.hparams.save_teacher or self.trainer is None:
@@ -748,13 +622,3 @@ class TeacherMetaRL(LightningModule):
         questions, answers = unpack_problems(batch)
         acc = self.greedy_accuracy(questions, answers)
         self.log("test/accuracy", acc, batch_size=len(questions), sync_dist=True)
-
-    # --------------------------------------------------------------------------- samples
-    def _sample_rows(self) -> list[dict]:
-        """The step's datasets, one row per pair, with their dataset's reward."""
-        last = self.last_outer
-        return [
-            {"step": last.step, "dataset": k, "reward": last.rewards[k], **pair}
-            for k, data in enumerate(last.datasets)
-            for pair in data
-        ]

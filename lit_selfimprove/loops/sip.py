@@ -1,0 +1,115 @@
+"""SIP's candidate pieces (no Lightning), used by
+:class:`~lit_selfimprove.modules.suffix_policy_dpo.SuffixPolicyDPO`: the candidates of a batch,
+tokenizing a text in the context of its prefix, and the judge-health check."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit_selfimprove.rl.losses import dpo_loss
+
+__all__ = ["Candidates", "judge_about", "judge_problems", "loss_stats", "tokenize_after"]
+
+
+@dataclass
+class Candidates:
+    """The candidate continuations of ``B`` prefixes: ``C`` per prefix, as tokens and text."""
+
+    ids: Tensor  # [B, C, T] right-padded continuation tokens
+    mask: Tensor  # [B, C, T] 1 for real tokens
+    texts: list[list[str]]  # [B][C] what the judge reads
+    sources: list[str]  # [C] "rollout" | "suffix" | "rewrite"
+    unaligned_rewrites: int = 0  # rewrites left out: no tokens continue the prefix's with their text
+
+
+def tokenize_after(
+    tokenizer, prefixes: list[str], texts: list[str]
+) -> list[tuple[list[int], list[int] | None]]:
+    """``(prefix tokens, text tokens)`` per pair: the tokens of ``prefix + text`` after the prefix's own.
+
+    A text tokenized on its own may start differently than in context: with SentencePiece-style
+    tokenizers a leading space is part of the next token (``"France" + ". It"``: ``. ▁It`` in
+    context, but ``▁ . ▁It`` alone). The text tokens are ``None`` when the text changes the
+    prefix's last tokens (``"... Tal" + "va"`` is one token ``▁Talva``): then no tokens continue
+    the prefix's tokens with exactly that text.
+    """
+    kw = {"add_special_tokens": False, "verbose": False}
+    heads = tokenizer(list(prefixes), **kw)["input_ids"]
+    joints = tokenizer([p + t for p, t in zip(prefixes, texts)], **kw)["input_ids"]
+    return [(h, j[len(h) :] if j[: len(h)] == h else None) for h, j in zip(heads, joints)]
+
+
+def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
+
+
+def _nanmean(x: Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else math.nan
+
+
+def _clip(text: str, size: int = 300) -> str:
+    """``text``, or its start and end (where a verdict would be) when longer than ``size``."""
+    return text if len(text) <= size else f"{text[: size // 2]} [...] {text[-size // 2 :]}"
+
+
+def judge_problems(
+    bad: float,
+    calls: float,
+    skipped: float,
+    prefixes: float,
+    max_unparseable_frac: float,
+    max_skipped_frac: float,
+) -> list[str]:
+    """What is wrong with a step's judging: too many unparseable verdicts (``bad`` of ``calls``) or
+    too many skipped prefixes (``skipped`` of ``prefixes``); empty when all is well."""
+    problems = []
+    if calls > 0 and bad / calls > max_unparseable_frac:
+        problems.append(f"{bad / calls:.0%} of the judge's verdicts were unparseable ({bad:.0f}/{calls:.0f})")
+    if prefixes > 0 and skipped / prefixes > max_skipped_frac:
+        problems.append(
+            f"{skipped / prefixes:.0%} of the prefixes were skipped ({skipped:.0f}/{prefixes:.0f}: "
+            "nothing learned from them)"
+        )
+    return problems
+
+
+def judge_about(judge) -> str:
+    """The judge's name, its last unparseable reply and the format it expects, for a message."""
+    about = f"Judge: {type(judge).__name__}"
+    reply, expected = getattr(judge, "last_unparseable", None), getattr(judge, "expected_format", None)
+    if reply is not None:
+        about += f"; last unparseable reply: {_clip(reply)!r}"
+    if expected:
+        about += f"; expected: {expected}"
+    return about
+
+
+def loss_stats(v: dict[str, Tensor], loss: str, beta: float) -> dict[str, float]:
+    """This rank's per-pair values (``nll_sum``, ``tokens``, policy / reference log-probs) -> logged
+    numbers for ``loss`` (``dpo`` or ``rf_nll``)."""
+    if not v:
+        return {}
+    out = {"nll_chosen": float(v["nll_sum"].sum() / v["tokens"].sum().clamp(min=1))}
+    if loss == "rf_nll":
+        out["loss"] = out["rf_nll"] = out["nll_chosen"]
+        return out
+    value, stats = dpo_loss(
+        v["policy_chosen"],
+        v["policy_rejected"],
+        v["ref_chosen"],
+        v["ref_rejected"],
+        beta=beta,
+    )
+    out.update(
+        loss=float(value),
+        dpo_margin=float(stats["margin"]),
+        dpo_accuracy=float(stats["accuracy"]),
+        reward_chosen=float(stats["reward_chosen"]),
+        reward_rejected=float(stats["reward_rejected"]),
+    )
+    return out

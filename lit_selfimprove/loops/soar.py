@@ -1,0 +1,197 @@
+"""SOAR's sampling and scoring loops (no Lightning), driven by
+:class:`~lit_selfimprove.modules.teacher_meta_rl.TeacherMetaRL`: the teacher's rejection sampling of
+(question, answer) pairs, the greedy accuracy of a student, an inner RLVR training on one dataset and
+the intrinsic (learnability) reward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lit_selfimprove.distributed import any_rank, gather_objects, world
+from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.loops.rlvr import rlvr_step
+from lit_selfimprove.loops.teacher import parse_pairs
+from lit_selfimprove.rewards.base import score_completions
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.teacher import learnability
+
+__all__ = ["greedy_accuracy", "intrinsic_rewards", "sample_valid_pairs", "train_inner"]
+
+
+def sample_valid_pairs(
+    sample_round: Callable[[int], Rollouts],
+    total: int,
+    teacher_batch: int | None,
+    max_rounds: int,
+    answer_ok: Callable[[list[str]], list[bool]] | None,
+    max_answer_chars: int,
+    pad_token_id: int,
+    device: torch.device | str,
+) -> tuple[list[tuple[str, str]], Rollouts, dict[str, float]]:
+    """Rejection sampling of this rank's share of ``total`` valid pairs: ``(pairs, rollouts, stats)``,
+    the teacher rollouts the pairs came from (row i wrote pair i). ``sample_round(k)`` samples k teacher
+    completions. Raises ``RuntimeError`` (naming the validity rate) when ``max_rounds`` rounds do not
+    give enough valid pairs."""
+    world_size, _ = world()
+    if total % world_size:
+        raise ValueError(
+            f"num_datasets * dataset_size = {total} pairs must split evenly over {world_size} ranks"
+        )
+    needed = total // world_size  # this rank's share
+    per_round = -(-teacher_batch // world_size) if teacher_batch else needed
+    pairs: list[tuple[str, str]] = []
+    kept: list[Rollouts] = []
+    sampled = valid = rounds = 0
+    lengths, truncated = [], []
+    # every rank samples until all ranks have their share (same number of teacher forwards)
+    while any_rank(len(pairs) < needed, device):
+        if rounds == max_rounds:
+            rate = valid / max(1, sampled)
+            raise RuntimeError(
+                f"TeacherMetaRL: the teacher wrote {valid} valid (question, answer) pairs in {sampled} "
+                f"samples ({rounds} rounds of {per_round}): validity rate {rate:.1%}, but "
+                f"{needed} are needed (num_datasets * dataset_size / ranks). Raise max_sampling_rounds or "
+                "teacher_batch, or check teacher_prompt, teacher_max_new_tokens and answer_check."
+            )
+        ro = sample_round(per_round)
+        rounds += 1
+        sampled += len(ro)
+        lengths.append(ro.lengths.float())
+        truncated.append((~ro.finished).float())
+        parsed = parse_pairs(ro.texts, answer_ok, max_answer_chars)
+        good = [i for i, p in enumerate(parsed) if p is not None]
+        valid += len(good)
+        take = good[: needed - len(pairs)]
+        if take:
+            kept.append(ro.select(take))
+            pairs.extend(parsed[i] for i in take)
+    stats = {
+        "validity": valid / sampled,
+        "sampling_rounds": float(rounds),
+        "completion_len": float(torch.cat(lengths).mean()),
+        "truncated_frac": float(torch.cat(truncated).mean()),
+    }
+    return pairs, Rollouts.cat(kept, pad_token_id), stats
+
+
+def greedy_accuracy(
+    model: torch.nn.Module,
+    tokenizer,
+    reward: Callable,
+    prompts: list[str],
+    answers: list[str],
+    batch_size: int | None,
+    max_new_tokens: int,
+) -> float:
+    """Greedy accuracy of ``model`` on the prompts, ``batch_size`` prompts per generation (``None``: all)."""
+    step = batch_size or len(prompts)
+    correct = []
+    for i in range(0, len(prompts), step):
+        ro = generate(
+            model,
+            tokenizer,
+            prompts[i : i + step],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            sync_ranks=False,
+        )
+        correct.append(score_completions(reward, ro.texts, answers[i : i + step])[1])
+    return float(torch.cat(correct).float().mean())
+
+
+def train_inner(
+    student: torch.nn.Module,
+    tokenizer,
+    reward: Callable,
+    prompts: list[str],
+    answers: list[str],
+    cfg: RLVRConfig,
+    steps: int,
+    batch: int,
+    optimizer: torch.optim.Optimizer,
+    ref_model: torch.nn.Module | None,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """``steps`` RLVR steps of ``student`` in place on one dataset; batches of ``batch`` prompts walk
+    through a shuffle of the dataset, reshuffled when it is used up. Returns the mean of
+    ``rlvr_step``'s stats."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    gen = generator
+    order: list[int] = []
+    sums: dict[str, float] = {}
+    for _ in range(steps):
+        idx = []
+        while len(idx) < batch:
+            if not order:
+                order = torch.randperm(len(prompts), generator=gen, device=gen.device).tolist()
+            idx.append(order.pop())
+        stats, _, _ = rlvr_step(
+            student,
+            tokenizer,
+            reward,
+            [prompts[i] for i in idx],
+            [answers[i] for i in idx],
+            cfg,
+            optimizer=optimizer,
+            ref_model=ref_model,
+            clip=lambda norm: torch.nn.utils.clip_grad_norm_(params, norm),
+            generator=gen,
+        )
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return {key: value / steps for key, value in sums.items()}
+
+
+def intrinsic_rewards(
+    student: torch.nn.Module,
+    tokenizer,
+    reward: Callable,
+    format_prompt: Callable[[str], str],
+    datasets: list[list[tuple[str, str]]],
+    samples: int,
+    batch: int,
+    max_new_tokens: int,
+    temperature: float,
+    job_generator: Callable[[int], torch.Generator],
+) -> dict:
+    """Intrinsic-T: per question of X_k, success rate s of ``samples`` student samples against the
+    teacher's answer; r = 0 if s == 0 else 1 - s; R_k = mean over X_k. Dataset k runs on rank
+    k % world (with ``job_generator(k)``); the rates are all-gathered."""
+    m = samples
+    world_size, rank = world()
+    local: dict[int, list[float]] = {}
+    for k in range(rank, len(datasets), world_size):  # dataset k on rank k % world
+        data, gen = datasets[k], job_generator(k)
+        success = []
+        for i in range(0, len(data), batch):
+            chunk = data[i : i + batch]
+            ro = generate(
+                student,
+                tokenizer,
+                [format_prompt(q) for q, _ in chunk],
+                num_samples=m,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                generator=gen,
+                sync_ranks=False,
+            )
+            _, correct = score_completions(reward, ro.texts, [a for _, a in chunk for _ in range(m)])
+            success.append(correct.float().view(-1, m).mean(-1))
+        local[k] = torch.cat(success).tolist()
+    gathered = {k: v for part in gather_objects(local) for k, v in part.items()}
+    rates = [gathered[k] for k in range(len(datasets))]
+    rewards = [learnability(torch.tensor(s)) for s in rates]
+    flat = torch.tensor([x for r in rates for x in r])
+    return {
+        "rewards": rewards,
+        "per_repeat": [[r] for r in rewards],
+        "median_students": [None] * len(datasets),
+        "median_owner": [0] * len(datasets),
+        "success_rates": rates,
+        "inner_stats": {
+            "success_rate": float(flat.mean()),
+            "unsolved_frac": float((flat == 0).float().mean()),
+        },
+    }
