@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lit_selfimprove.distributed import any_rank, gather_objects, world
+from lit_selfimprove.distributed import all_reduce_sum, any_rank, gather_objects, world
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.loops.teacher import parse_pairs
@@ -142,6 +142,60 @@ def train_inner(
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + value
     return {key: value / steps for key, value in sums.items()}
+
+
+def grounded_rewards(
+    student: torch.nn.Module,
+    snapshot: dict,
+    datasets: list[list[tuple[str, str]]],
+    repeats: int,
+    train: Callable[[list[tuple[str, str]], int], dict[str, float]],
+    accuracy: Callable[[], float],
+    base_acc: float,
+    keeper,
+    keep_students: bool,
+    device: torch.device,
+) -> dict:
+    """SOAR's reward: R_k = mean over ``repeats`` inner trainings on X_k of (accuracy - ``base_acc``).
+
+    Training j = k * r + i (dataset k, repeat i) runs on rank j % world: ``student`` is reset to
+    ``snapshot``, ``train(data, j)`` trains it in place and ``accuracy()`` scores it. The per-repeat
+    deltas are all-reduced; ``keeper`` (a ``MedianStudents``) settles the median repeat of each dataset
+    and, with ``keep_students``, is offered every trained student. ``student`` ends on ``snapshot``."""
+    r = repeats
+    world_size, rank = world()
+    per_repeat: list[list[float]] = []
+    inner: list[dict] = []
+    medians, owners = [], []
+    try:
+        for k, data in enumerate(datasets):
+            deltas = torch.zeros(r)
+            for j in range(k * r, (k + 1) * r):
+                if j % world_size != rank:
+                    continue
+                student.load_state_dict(snapshot)
+                stats = train(data, j)
+                acc = accuracy()
+                stats["accuracy_after"] = acc
+                inner.append(stats)
+                deltas[j - k * r] = acc - base_acc
+                if keep_students:
+                    keeper.offer(j, student)
+            per_repeat.append(all_reduce_sum(deltas, device).tolist())
+            j = keeper.settle(k, per_repeat[k])  # the median-reward repeat of dataset k
+            medians.append(keeper.states.get(j))
+            owners.append(j % world_size)
+    finally:
+        student.load_state_dict(snapshot)  # the baseline again, whatever happened
+    inner = [s for part in gather_objects(inner) for s in part]
+    inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
+    return {
+        "rewards": [sum(d) / len(d) for d in per_repeat],
+        "per_repeat": per_repeat,
+        "median_students": medians,
+        "median_owner": owners,
+        "inner_stats": inner_stats,
+    }
 
 
 def intrinsic_rewards(

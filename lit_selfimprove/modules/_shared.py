@@ -11,6 +11,7 @@ import torch
 from lightning import LightningModule
 
 from lit_selfimprove.distributed import seeded_generator
+from lit_selfimprove.modeling import load_trained_model
 from lit_selfimprove.prompts import as_user_turn
 
 __all__ = [
@@ -37,6 +38,26 @@ def on_device(model: torch.nn.Module | None, device: torch.device) -> torch.nn.M
         if param.device != device and param.device.type != "meta":
             model.to(device)
     return model
+
+
+def load_policy(module: LightningModule, reference: bool) -> None:
+    """Load ``module.policy`` from its hparams (``model``, ``dtype``, ``attn_implementation``,
+    ``quantization``, ``lora``), and a frozen copy as ``module._frozen["ref"]`` when ``reference``;
+    nothing when the policy is already loaded."""
+    if module.policy is not None:
+        return
+    hp = module.hparams
+    module.policy, ref = load_trained_model(
+        hp.model,
+        dtype=hp.dtype,
+        attn_implementation=hp.attn_implementation,
+        quantization=hp.quantization,
+        lora=hp.lora,
+        reference=reference,
+        device_mesh=getattr(module, "device_mesh", None),
+    )
+    if ref is not None:
+        module._frozen["ref"] = ref
 
 
 def data_parallel_rank(module: LightningModule) -> int:

@@ -26,11 +26,12 @@ from lightning import LightningModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
-from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
+from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
     check_at_least_one,
+    load_policy,
     on_device,
     sampling_generator,
     write_samples,
@@ -137,20 +138,7 @@ class StudentRLVR(LightningModule):
 
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        hp = self.hparams
-        self.policy, ref = load_trained_model(
-            hp.model,
-            dtype=hp.dtype,
-            attn_implementation=hp.attn_implementation,
-            quantization=hp.quantization,
-            lora=hp.lora,
-            reference=self.rl.kl_coef > 0,
-            device_mesh=getattr(self, "device_mesh", None),
-        )
-        if ref is not None:
-            self._frozen["ref"] = ref
+        load_policy(self, reference=self.rl.kl_coef > 0)
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("StudentRLVR", self.policy)

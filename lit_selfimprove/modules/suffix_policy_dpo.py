@@ -46,13 +46,14 @@ from lit_selfimprove.loops.sip import (
     loss_stats,
     tokenize_after,
 )
-from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
+from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
     check_at_least_one,
     cosine_schedule,
     data_parallel_rank,
     estimated_total_steps,
+    load_policy,
     on_device,
     write_samples,
 )
@@ -200,20 +201,7 @@ class SuffixPolicyDPO(LightningModule):
 
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        hp = self.hparams
-        self.policy, ref = load_trained_model(
-            hp.model,
-            dtype=hp.dtype,
-            attn_implementation=hp.attn_implementation,
-            quantization=hp.quantization,
-            lora=hp.lora,
-            reference=hp.loss == "dpo",
-            device_mesh=getattr(self, "device_mesh", None),
-        )
-        if ref is not None:
-            self._frozen["ref"] = ref
+        load_policy(self, reference=self.hparams.loss == "dpo")
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("SuffixPolicyDPO", self.policy)

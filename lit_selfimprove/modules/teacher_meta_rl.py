@@ -47,13 +47,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_selfimprove.distributed import (
-    all_reduce_sum,
-    broadcast_object,
-    gather_objects,
-    seeded_generator,
-    world,
-)
+from lit_selfimprove.distributed import broadcast_object, gather_objects, seeded_generator, world
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
@@ -68,12 +62,7 @@ from lit_selfimprove.modules._shared import (
     sampling_generator,
     write_samples,
 )
-from lit_selfimprove.modules.soar_outer import (
-    InnerConfig,
-    MedianStudents,
-    OuterStep,
-    check_soar_hparams,
-)
+from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents, OuterStep, check_soar_hparams
 from lit_selfimprove.modules.student_rlvr import unpack_problems
 from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, SOAR_TEACHER_PROMPT, as_user_turn
 from lit_selfimprove.rewards.base import parseable_check, pop_reward_stats
@@ -397,43 +386,22 @@ class TeacherMetaRL(LightningModule):
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
         r = hp.num_repeats
-        world_size, rank = world()
         pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
-        self.median_keeper = keeper = MedianStudents(r, pick)
-        per_repeat: list[list[float]] = []
-        inner: list[dict] = []
-        medians, owners = [], []
-        try:  # training j = k * r + i (dataset k, repeat i) runs on rank j % world
-            for k, data in enumerate(datasets):
-                deltas = torch.zeros(r)
-                for j in range(k * r, (k + 1) * r):
-                    if j % world_size != rank:
-                        continue
-                    self.student.load_state_dict(snapshot)
-                    stats = self.train_inner_student(
-                        [q for q, _ in data], [a for _, a in data], ref, self.job_generator(j)
-                    )
-                    acc = self.greedy_accuracy(questions, answers)
-                    stats["accuracy_after"] = acc
-                    inner.append(stats)
-                    deltas[j - k * r] = acc - base_acc
-                    if hp.keep_median_students:
-                        keeper.offer(j, self.student)
-                per_repeat.append(all_reduce_sum(deltas, self.device).tolist())
-                j = keeper.settle(k, per_repeat[k])  # the median-reward repeat of dataset k
-                medians.append(keeper.states.get(j))
-                owners.append(j % world_size)
-        finally:
-            self.student.load_state_dict(snapshot)  # the baseline again, whatever happened
-        inner = [s for part in gather_objects(inner) for s in part]
-        inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
-        return {
-            "rewards": [sum(d) / len(d) for d in per_repeat],
-            "per_repeat": per_repeat,
-            "median_students": medians,
-            "median_owner": owners,
-            "inner_stats": inner_stats,
-        }
+        self.median_keeper = MedianStudents(r, pick)
+        return soar_loops.grounded_rewards(
+            self.student,
+            snapshot,
+            datasets,
+            r,
+            lambda data, j: self.train_inner_student(
+                [q for q, _ in data], [a for _, a in data], ref, self.job_generator(j)
+            ),
+            lambda: self.greedy_accuracy(questions, answers),
+            base_acc,
+            self.median_keeper,
+            hp.keep_median_students,
+            self.device,
+        )
 
     def intrinsic_rewards(self, datasets) -> dict:
         """Intrinsic-T: per question of X_k, success rate s of ``intrinsic_samples`` baseline-student
