@@ -51,8 +51,7 @@ class SelfImproveCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         from lit_selfimprove.callbacks import RunDirectory, StepProgressBar
 
-        present = list(config.get("callbacks") or []) + list(callbacks)
-        present = present if isinstance(present, list) else [present]
+        present = _as_list(config.get("callbacks")) + list(callbacks)
         extra = []
         fits = self.subcommand in ("fit", None)  # None: run=False, the caller fits
         if fits and not any(isinstance(c, RunDirectory) for c in present):
@@ -64,19 +63,24 @@ class SelfImproveCLI(LightningCLI):
         return super()._instantiate_trainer(config, list(callbacks) + extra)
 
 
+def _as_list(value) -> list:
+    """A config value that may be one item, a list of them, or ``None``, as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
 def _logger_configs(trainer) -> list:
     """The ``init_args`` of the configured loggers (class_path form), empty for none / ``True``."""
     if trainer is None:
         return []
-    value = trainer.get("logger")
-    items = value if isinstance(value, list) else [value]
+    items = _as_list(trainer.get("logger"))
     return [item["init_args"] for item in items if hasattr(item, "get") and item.get("init_args") is not None]
 
 
 def _checkpoint_dirs(trainer) -> list[str]:
     """``dirpath`` of the configured ModelCheckpoint callbacks that set one."""
-    value = trainer.get("callbacks") if trainer is not None else None
-    items = value if isinstance(value, list) else [value] if value is not None else []
+    items = _as_list(trainer.get("callbacks") if trainer is not None else None)
     dirs = []
     for item in items:
         if hasattr(item, "get") and str(item.get("class_path", "")).endswith("ModelCheckpoint"):

@@ -1,30 +1,23 @@
-"""Promotion: SOAR's rule that makes a trained student the new baseline and keeps its questions.
+"""Promotion: writes SOAR's promotions to disk (the PQ file and the promoted students).
 
-After every outer step of :class:`~lit_selfimprove.modules.TeacherMetaRL`, the rule of
-:class:`lit_selfimprove.rl.promotion.PromotionRule` decides: Rbar_t = mean_k R_k joins a history;
-when a full window of ``window`` values averages above ``tau`` and the best dataset k* = argmax_k
-R_k beat the baseline (R_k* > 0, ``require_improvement``), k* is promoted, and the history starts
-afresh (``reset_after_promotion``: the rewards before were measured against the weaker baseline;
-kept, they promote again one or two steps later even when every new reward is <= 0):
+The promotion itself is step 5 of :class:`~lit_selfimprove.modules.TeacherMetaRL`'s outer step
+(:class:`lit_selfimprove.rl.promotion.PromotionRule`: a full window of Rbar_t = mean_k R_k averaging
+above ``tau``, a best dataset k* that beat the baseline, the history restarting afterwards; the
+median-reward student of X_k* installed as the baseline on every rank; the rule's state in the
+module's checkpoint). After an outer step that promoted, this callback writes, on global rank 0:
 
-* the module's kept median-reward trained student of dataset k* is loaded in place into
-  ``pl_module.student`` (on every rank), which is the baseline from the next outer step on;
-* the pairs of X_k* are appended to ``promotion_questions.jsonl`` (PQ, D_best) in the log dir,
-  one JSON object per line: ``question``, ``answer``, ``step`` (the outer step), ``promotion``
-  (0-based index), ``dataset`` (k*), ``reward`` (R_k*) and ``run_id`` (the run that wrote it, see
+* the pairs of X_k* appended to ``promotion_questions.jsonl`` (PQ, D_best) in the log dir, one JSON
+  object per line: ``question``, ``answer``, ``step`` (the outer step), ``promotion`` (0-based
+  index), ``dataset`` (k*), ``reward`` (R_k*) and ``run_id`` (the run that wrote it, see
   :class:`~lit_selfimprove.callbacks.RunDirectory`);
-* the promoted student is saved as a Hugging Face folder ``students/promotion_<i>_step_<step>/``
-  (model + student tokenizer) in the log dir, written under a temporary name and renamed when
-  complete (a full disk leaves no partial folder under the final name).
+* the promoted student as a Hugging Face folder ``students/promotion_<i>_step_<step>/`` (model +
+  student tokenizer), written under a temporary name and renamed when complete (a full disk leaves
+  no partial folder under the final name).
 
-Files are written by global rank 0 only. The promote / k* decision is taken on rank 0 and
-broadcast, so all ranks install the same dataset's student.
-
-Resuming: the callback's state (reward history, promotions, PQ lines written) is stored in the
-checkpoint; the baseline student itself is a registered submodule of the module, so it is in the
-module's ``state_dict``. On resume, PQ lines and student folders written after the checkpoint
-(a crash between writing and checkpointing) are removed, so that nothing is duplicated. Resume
-with the same log dir (e.g. a logger with a fixed ``version``) or pass ``dirpath``.
+Resuming: the callback's state (PQ lines written, the last outer step seen) is in the checkpoint.
+On resume, PQ lines and student folders written after the checkpoint (a crash between writing and
+checkpointing) are removed, so that nothing is duplicated. Resume with ``--ckpt_path=last`` (the
+same run directory) or pass ``dirpath``.
 """
 
 from __future__ import annotations

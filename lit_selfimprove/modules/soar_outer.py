@@ -150,12 +150,12 @@ def check_soar_hparams(hp, inner: InnerConfig) -> None:
         raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {hp.answer_check!r}")
     if hp.num_datasets < 2:
         raise ValueError(f"num_datasets must be >= 2 for RLOO over datasets, got {hp.num_datasets}")
-    for name in ("dataset_size", "num_repeats", "max_sampling_rounds", "intrinsic_samples"):
-        if hp[name] < 1:
-            raise ValueError(f"{name} must be >= 1, got {hp[name]}")
-    if hp.teacher_max_new_tokens < 1:
-        raise ValueError(f"teacher_max_new_tokens must be >= 1, got {hp.teacher_max_new_tokens}")
     check_at_least_one(
+        dataset_size=hp.dataset_size,
+        num_repeats=hp.num_repeats,
+        max_sampling_rounds=hp.max_sampling_rounds,
+        intrinsic_samples=hp.intrinsic_samples,
+        teacher_max_new_tokens=hp.teacher_max_new_tokens,
         eval_max_new_tokens=hp.eval_max_new_tokens,
         eval_batch_size=hp.eval_batch_size,
         inner_micro_batch_size=inner.micro_batch_size,
