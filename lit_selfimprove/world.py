@@ -100,23 +100,31 @@ def build(configs_dir: Path, out_dir: Path, steps: int | None, k: int) -> None:
             f"--model.init_args.save_to={out_dir / f'tiny-{role}'}",
             *extra,
         )
-    candidates = out_dir / "tiny-hard" / "candidates.jsonl"
-    candidates.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(candidates, generate_problems([5, 6], 384, seed=2026))
+    # the fail@k hard set, and the strict one: sums with >= 5 carries that are also 0/k
+    hard_set(out_dir / "tiny-hard" / "hard.jsonl", generate_problems([5, 6], 384, seed=2026), out_dir, k)
+    strict = generate_problems([5, 6], 192, seed=2027, min_carries=5)
+    hard_set(out_dir / "tiny-hard" / "strict.jsonl", strict, out_dir, k)
+
+
+def hard_set(out: Path, candidates: list[dict], assets: Path, k: int) -> None:
+    """fail@k of the tiny student in ``assets`` on ``candidates`` -> ``out`` and its train / test split."""
     from lit_selfimprove import failk
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = out.with_name(out.stem + ".candidates.jsonl")
+    _write_jsonl(source, candidates)
     failk.main(
         [
-            "--model", str(out_dir / "tiny-student"),
-            "--source", str(candidates),
-            "--out", str(out_dir / "tiny-hard" / "hard.jsonl"),
+            "--model", str(assets / "tiny-student"),
+            "--source", str(source),
+            "--out", str(out),
             "--k", str(k),
             "--prompt-template", TINY_STUDENT_PROMPT,
             "--max-new-tokens", "80",
         ]
     )  # fmt: skip
-    candidates.unlink()
-    (out_dir / "tiny-hard" / "hard.jsonl.progress.jsonl").unlink(missing_ok=True)
+    source.unlink()
+    out.with_name(out.name + ".progress.jsonl").unlink(missing_ok=True)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -69,3 +69,15 @@ def test_hard_set_loads_by_builtin_name_and_is_split_50_50():
     test, _ = load_problems("builtin:tiny-hard-test")
     assert abs(len(train) - len(test)) <= 1 and len(train) >= 32
     assert not {r["id"] for r in train} & {r["id"] for r in test}
+
+
+@needs_assets("tiny-hard")
+def test_strict_hard_set_keeps_many_carry_sums_disjoint_from_each_split():
+    from lit_selfimprove.datamodules import load_problems
+    from lit_selfimprove.worlds.arithmetic import carries
+
+    train, _ = load_problems("builtin:tiny-strict-train")
+    test, _ = load_problems("builtin:tiny-strict-test")
+    assert len(train) >= 64 and abs(len(train) - len(test)) <= 1  # |Q_R| = 64 as in the paper
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    assert all(carries(r["question"]) >= 5 and str(eval(r["question"])) == r["answer"] for r in train + test)

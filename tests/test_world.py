@@ -19,6 +19,7 @@ from lit_selfimprove.datamodules.arithmetic import (
 )
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.world import quick_correct
+from lit_selfimprove.worlds.arithmetic import carries
 from tests.conftest import REPO
 
 
@@ -89,6 +90,29 @@ def test_asset_recipe_rebuilds_at_reduced_budget(tmp_path):
     assert (out / "tiny-hard" / "hard.train.jsonl").exists() and (
         out / "tiny-hard" / "hard.test.jsonl"
     ).exists()
+    strict = [json.loads(line) for line in open(out / "tiny-hard" / "strict.jsonl")]
+    assert strict and all(carries(r["question"]) >= 5 for r in strict)
+
+
+def test_carries_counts_column_carries():
+    assert [carries(q) for q in ("1+2", "5+5", "999+1", "555555+555555", "19+81", "123+456")] == [
+        0,
+        1,
+        3,
+        6,
+        2,
+        0,
+    ]
+
+
+def test_min_carries_draws_only_many_carry_sums_and_refuses_the_impossible():
+    rows = generate_problems([5, 6], 50, seed=3, min_carries=5)
+    assert len(rows) == 50 and all(carries(r["question"]) >= 5 for r in rows)
+    assert rows == generate_problems([5, 6], 50, seed=3, min_carries=5)  # deterministic
+    with pytest.raises(ValueError, match="at most"):
+        generate_problems([2], 5, seed=0, min_carries=3)
+    with pytest.raises(ValueError, match="found only"):
+        generate_problems([1], 60, seed=0, min_carries=1)  # only 45 one-digit sums carry
 
 
 def test_sloppy_solutions_forget_carries_consistently():

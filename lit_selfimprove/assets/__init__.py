@@ -21,6 +21,9 @@ BUILTINS = {
     "tiny-hard-set": ASSETS_DIR / "tiny-hard" / "hard.jsonl",
     "tiny-hard-train": ASSETS_DIR / "tiny-hard" / "hard.train.jsonl",
     "tiny-hard-test": ASSETS_DIR / "tiny-hard" / "hard.test.jsonl",
+    "tiny-strict-set": ASSETS_DIR / "tiny-hard" / "strict.jsonl",
+    "tiny-strict-train": ASSETS_DIR / "tiny-hard" / "strict.train.jsonl",
+    "tiny-strict-test": ASSETS_DIR / "tiny-hard" / "strict.test.jsonl",
     "tiny-facts": ASSETS_DIR / "tiny-facts" / "corpus.jsonl",
     "tiny-sip-policy": ASSETS_DIR / "tiny-sip-policy",
 }

@@ -15,6 +15,10 @@ probability 0.7. So:
   solved 0 times in 128 samples. RLVR on them gets no reward at all, but the skill they need
   (carrying) can be learned on easier problems that the student sometimes gets right: the
   stepping stones SOAR's teacher has to find.
+* a 0/128 problem is not a 0-probability one: the fail@128 set is solved in ~0.35% of samples
+  (3-4 carries ~0.45%, 5 ~0.23%), a trickle that RLVR alone amplifies. The **strict** hard set
+  (``builtin:tiny-strict-train`` / ``-test``) keeps 5-6 digit sums with at least 5 carries that
+  are also 0/128, where the base's success probability is ~0.2% or less.
 
 The teacher (``configs/tiny/pretrain_teacher.yaml``) writes problems of levels 1-6 as
 ``<question>345+678</question>5+8=13,4+7+1=12,3+6+1=10 <answer>\\boxed{1023}</answer>``: it works
@@ -40,6 +44,17 @@ def make_problem(level: int, rng: random.Random) -> dict:
     low = 0 if level == 1 else 10 ** (level - 1)
     a, b = rng.randint(low, 10**level - 1), rng.randint(low, 10**level - 1)
     return {"question": f"{a}+{b}", "answer": str(a + b), "level": level}
+
+
+def carries(question: str) -> int:
+    """How many carries the column addition ``a+b`` makes (``999+1`` -> 3)."""
+    left, right = question.split("+")
+    width = max(len(left), len(right))
+    count = carry = 0
+    for x, y in zip(left.zfill(width)[::-1], right.zfill(width)[::-1]):
+        carry = (int(x) + int(y) + carry) // 10
+        count += carry
+    return count
 
 
 def student_solution(question: str, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
@@ -83,13 +98,22 @@ def sample_levels(weights: Sequence[float], n: int, rng: random.Random) -> list[
 
 
 def generate_problems(
-    levels: int | Sequence[int], n: int, seed: int, exclude: set[str] | None = None
+    levels: int | Sequence[int],
+    n: int,
+    seed: int,
+    exclude: set[str] | None = None,
+    min_carries: int = 0,
 ) -> list[dict]:
     """``n`` distinct problems drawn uniformly from ``levels``, deterministic in ``seed``.
 
-    ``exclude`` holds questions that must not appear (to keep splits disjoint). Ids are
+    ``exclude`` holds questions that must not appear (to keep splits disjoint); ``min_carries``
+    keeps only sums with at least that many carries (rejection sampling). Ids are
     ``arith-L<level>-<question>`` so that they are stable across runs.
     """
+    if min_carries > max([levels] if isinstance(levels, int) else levels):
+        raise ValueError(
+            f"an L-digit sum makes at most L carries: min_carries={min_carries}, levels={levels}"
+        )
     levels = [levels] if isinstance(levels, int) else list(levels)
     capacity = sum((10**lv - (0 if lv == 1 else 10 ** (lv - 1))) ** 2 for lv in levels)
     if n > capacity - len(exclude or ()):
@@ -97,12 +121,19 @@ def generate_problems(
     rng = random.Random(seed)
     seen = set(exclude or ())
     out = []
-    while len(out) < n:
+    for _ in range(1000 * n + 10_000):
+        if len(out) == n:
+            break
         p = make_problem(rng.choice(levels), rng)
-        if p["question"] in seen:
+        if p["question"] in seen or carries(p["question"]) < min_carries:
             continue
         seen.add(p["question"])
         out.append({"id": f"arith-L{p['level']}-{p['question']}", **p})
+    else:
+        if len(out) < n:
+            raise ValueError(
+                f"found only {len(out)} of {n} distinct problems of levels {levels} with >= {min_carries} carries"
+            )
     return out
 
 
