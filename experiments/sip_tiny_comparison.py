@@ -21,7 +21,8 @@ temperatures / greedily are reported too: in this world greedy decoding of the b
 more factual than sampling, so part of a DPO gain may be sharpening.
 
 Writes ``docs/sip_comparison.json`` (numbers, commands, wall times), ``docs/sip_comparison.png`` and
-``docs/sip_selection.png`` (Figure 8: which candidate the judge chose, over training).
+``docs/sip_comparison_selection.png`` (Figure 8 for the bundled policy: which candidate the judge
+chose, over training; ``experiments/sip_crossover.py`` writes ``docs/sip_selection.png``).
 """
 
 from __future__ import annotations
@@ -472,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "replot":  # redraw both figures from the json (and the runs' selection.csv)
         summary = json.loads((REPO / "docs/sip_comparison.json").read_text())
         plot_comparison(summary, REPO / "docs/sip_comparison.png")
-        plot_selection(summary, REPO / "docs/sip_selection.png")
+        plot_selection(summary, REPO / "docs/sip_comparison_selection.png")
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of every arm")
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reuse", action="store_true", help="skip trainings whose exported policy exists")
     p.add_argument("--json", default="docs/sip_comparison.json")
     p.add_argument("--plot", default="docs/sip_comparison.png")
-    p.add_argument("--selection-plot", default="docs/sip_selection.png")
+    p.add_argument("--selection-plot", default="docs/sip_comparison_selection.png")
     args = p.parse_args(argv)
     import torch
 

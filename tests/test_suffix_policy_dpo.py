@@ -17,6 +17,7 @@ import torch
 
 from lit_selfimprove.callbacks.selection_stats import SelectionStats
 from lit_selfimprove.generation import generate
+from lit_selfimprove.loops.sip import best_classes
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO, select_pairs
 from lit_selfimprove.rl.logprobs import sequence_logprobs
@@ -151,6 +152,32 @@ def test_select_pairs_for_rf_nll_needs_only_a_best_candidate():
     assert select_pairs(total, torch.Generator().manual_seed(0)).valid.tolist() == [False, False, False, True]
 
 
+def test_best_classes_separate_strict_wins_from_ties():
+    nan = float("nan")
+    sources = ["rollout", "rollout", "suffix", "rewrite"]
+    total = torch.tensor(
+        [
+            [2.0, 1.0, 1.5, 1.5],  # a rollout strictly best
+            [3.0, 1.0, 1.0, 3.0],  # a rollout ties the rewrite
+            [1.0, 1.0, 2.0, 3.0],  # the rewrite strictly best
+            [0.0, 0.0, 2.0, 2.0 + 1e-7],  # suffix and rewrite tie (within atol), above the rollouts
+            [nan, 1.0, nan, 1.0 + 1e-7],  # unscored candidates left out; a tie within atol
+            [nan, nan, nan, nan],  # nothing scored: never counted
+        ]
+    )
+    counts = best_classes(total, sources)
+    assert counts == {"best_rollout_only": 1, "best_tied": 2, "best_corpus_only": 2}
+    assert sum(counts.values()) == 5
+    trained = torch.tensor([True, False, True, False, True, True])
+    assert best_classes(total, sources, rows=trained) == {
+        "best_rollout_only": 1,
+        "best_tied": 1,
+        "best_corpus_only": 1,
+    }
+    with pytest.raises(ValueError, match="total must be"):
+        best_classes(total, sources[:3])
+
+
 def test_rf_nll_trains_on_prefixes_whose_candidates_all_tie(tiny_random_lm, tmp_path):
     judge = ScriptedJudge(lambda p, c, r: [0.5] * len(c))  # no preference: every candidate is a best one
     module = _module(tiny_random_lm, judge, loss="rf_nll", lr=1e-2)
@@ -195,6 +222,7 @@ def test_training_step_picks_by_judge_and_reports_sources(tiny_random_lm, tmp_pa
         "ties_worst": 1.0,
         **{"chosen_rollout": 1.0, "chosen_suffix": 1.0, "chosen_rewrite": 1.0},
         **{"rejected_rollout": 2.0, "rejected_suffix": 0.0, "rejected_rewrite": 1.0},
+        **{"best_rollout_only": 1.0, "best_tied": 0.0, "best_corpus_only": 2.0},
     }
     logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
     for s in ("rollout", "suffix", "rewrite"):
@@ -371,6 +399,12 @@ def test_selection_stats_plot_csv_and_state(tiny_random_lm, tmp_path):
         ("0", "2", "0"),
         ("1", "0", "2"),
         ("2", "0", "2"),
+    ]
+    # who held the best score, before any tie-break: the suffix alone, then a rollout alone
+    assert [(r["best_corpus_only"], r["best_tied"], r["best_rollout_only"]) for r in rows] == [
+        ("2", "0", "0"),
+        ("0", "0", "2"),
+        ("0", "0", "2"),
     ]
     assert stats.rates() == {"rollout": 1.0, "suffix": 0.0}  # the last 2 steps; no rewrite here
     assert stats.rates(window=0)["rollout"] == pytest.approx(2 / 3)

@@ -8,7 +8,13 @@ ranks), logs moving-average rates, and writes into the log dir:
 * ``selection.png``: the share of non-skipped prefixes whose chosen candidate is a rollout /
   the suffix / the rewrite, per step (faint) and as a moving average (bold);
 * ``selection.csv``: the raw per-step counts (``step, prefixes, pairs, skipped, ties_best,
-  ties_worst, chosen_<source>, rejected_<source>``).
+  ties_worst, chosen_<source>, rejected_<source>``, and who held the best score before the
+  tie-break: ``best_rollout_only, best_tied, best_corpus_only``; see
+  :func:`~lit_selfimprove.loops.sip.best_classes`).
+
+The chosen source of a prefix whose best score is shared is drawn uniformly among the best
+candidates (:func:`~lit_selfimprove.rl.selection.select_pairs`), so with ties the chosen shares
+partly count coin flips: the ``best_*`` columns separate a rollout strictly best from a tie.
 
 Both are refreshed every ``every_n_steps`` steps and at the end of training (global rank 0).
 The counts are in the checkpoint, so a resumed run continues the same curves.
@@ -22,10 +28,14 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from lit_selfimprove.loops.sip import BEST_CLASSES
+
 SOURCES = ("rollout", "suffix", "rewrite")
-COLUMNS = ["step", "prefixes", "pairs", "skipped", "ties_best", "ties_worst"] + [
-    f"{kind}_{s}" for s in SOURCES for kind in ("chosen", "rejected")
-]
+COLUMNS = (
+    ["step", "prefixes", "pairs", "skipped", "ties_best", "ties_worst"]
+    + [f"{kind}_{s}" for s in SOURCES for kind in ("chosen", "rejected")]
+    + list(BEST_CLASSES)
+)
 COLORS = {"rollout": "tab:blue", "suffix": "tab:orange", "rewrite": "tab:green"}
 
 

@@ -1,6 +1,7 @@
 """SIP's candidate pieces (no Lightning), used by
 :class:`~lit_selfimprove.modules.suffix_policy_dpo.SuffixPolicyDPO`: the candidates of a batch,
-tokenizing a text in the context of its prefix, and the judge-health check."""
+tokenizing a text in the context of its prefix, who holds the best score (Figure 8 without the
+tie-break) and the judge-health check."""
 
 from __future__ import annotations
 
@@ -12,7 +13,19 @@ from torch import Tensor
 
 from lit_selfimprove.rl.losses import dpo_loss
 
-__all__ = ["Candidates", "judge_about", "judge_problems", "loss_stats", "tokenize_after"]
+__all__ = [
+    "BEST_CLASSES",
+    "Candidates",
+    "best_classes",
+    "judge_about",
+    "judge_problems",
+    "loss_stats",
+    "tokenize_after",
+]
+
+BEST_CLASSES = ("best_rollout_only", "best_tied", "best_corpus_only")
+"""Who holds a trained prefix's best score: only rollouts, a rollout tied with the suffix or the
+rewrite, or only the suffix / the rewrite (see :func:`best_classes`)."""
 
 
 @dataclass
@@ -55,6 +68,41 @@ def _nanmean(x: Tensor) -> float:
 def _clip(text: str, size: int = 300) -> str:
     """``text``, or its start and end (where a verdict would be) when longer than ``size``."""
     return text if len(text) <= size else f"{text[: size // 2]} [...] {text[-size // 2 :]}"
+
+
+def best_classes(
+    total: Tensor, sources: list[str], rows: Tensor | None = None, atol: float = 1e-6
+) -> dict[str, int]:
+    """Count the rows of ``total`` ``[B, C]`` (``nan``: no score) by who holds the best score.
+
+    ``sources[c]`` names candidate column ``c`` (``rollout`` / ``suffix`` / ``rewrite``); a score
+    within ``atol`` of the row's maximum is a best one (the tolerance of
+    :func:`~lit_selfimprove.rl.selection.select_pairs`). Per counted row, exactly one of:
+
+    * ``best_rollout_only``: every best candidate is a rollout (a rollout strictly beats the
+      suffix and the rewrite);
+    * ``best_tied``: a rollout shares the best score with the suffix or the rewrite (the chosen
+      source is then decided by the tie-break, uniformly at random among the best);
+    * ``best_corpus_only``: every best candidate is the suffix or the rewrite.
+
+    ``rows``: a ``[B]`` bool mask of the rows to count (e.g. ``Selection.valid``, the trained
+    prefixes); default: every row with a score. Rows without any score are never counted.
+    """
+    if total.ndim != 2 or total.shape[1] != len(sources):
+        raise ValueError(f"total must be [B, {len(sources)}], got {tuple(total.shape)}")
+    total = total.detach().float().cpu()
+    is_rollout = torch.tensor([s == "rollout" for s in sources], dtype=torch.bool)
+    counts = dict.fromkeys(BEST_CLASSES, 0)
+    for b in range(total.shape[0]):
+        row = total[b]
+        scored = ~torch.isnan(row)
+        if not scored.any() or (rows is not None and not bool(rows[b])):
+            continue
+        best = scored & (row >= float(row[scored].max()) - atol)
+        rollout, corpus = bool((best & is_rollout).any()), bool((best & ~is_rollout).any())
+        name = "best_tied" if rollout and corpus else ("best_rollout_only" if rollout else "best_corpus_only")
+        counts[name] += 1
+    return counts
 
 
 def judge_problems(

@@ -38,9 +38,11 @@ from lit_selfimprove.distributed import all_reduce_max, all_reduce_sum, seeded_g
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.loops.sip import (
+    BEST_CLASSES,
     Candidates,
     _nanmean,
     _pad_to,
+    best_classes,
     judge_about,
     judge_problems,
     loss_stats,
@@ -262,7 +264,7 @@ class SuffixPolicyDPO(LightningModule):
         total[cands.mask.sum(-1).cpu() == 0] = math.nan  # an empty continuation teaches nothing
         # 4. chosen = best, rejected = worst (RF-NLL: a best one is enough)
         sel = select_pairs(total, self._generator("select", step, "cpu"), need_rejected=hp.loss == "dpo")
-        counts = self._selection_counts(sel, cands.sources, step)
+        counts = self._selection_counts(sel, cands.sources, step, total)
         # 5.-6. loss, backward, clip, step (no update, but counters step, when no pair anywhere)
         lr = sched.get_last_lr()[0]  # the rate this step's update uses
         loss_stats = self._update(batch, cands, sel, opt, sched, int(counts["pairs"]))
@@ -330,12 +332,21 @@ class SuffixPolicyDPO(LightningModule):
                 texts[b] = full[len(base) :] if full.startswith(base) else tok.decode(kept, **kw)
         return ids, mask, texts, unaligned
 
-    def _selection_counts(self, sel: Selection, sources: list[str], step: int) -> dict[str, float]:
+    def _selection_counts(
+        self, sel: Selection, sources: list[str], step: int, total: Tensor | None = None
+    ) -> dict[str, float]:
         """Chosen / rejected source counts summed over ranks (``last_selection``, ``select/*``);
-        ``pairs`` counts the trained prefixes (RF-NLL: those with a chosen candidate)."""
+        ``pairs`` counts the trained prefixes (RF-NLL: those with a chosen candidate). With the
+        scores ``total``, also who holds the best score of each trained prefix before the tie-break
+        (:func:`~lit_selfimprove.loops.sip.best_classes`: ``best_rollout_only``, ``best_tied``,
+        ``best_corpus_only``)."""
         names = ["prefixes", "pairs", "skipped", "ties_best", "ties_worst"]
         values = [len(sel.valid), int(sel.valid.sum()), int((~sel.valid).sum())]
         values += [int(sel.tie_best.sum()), int(sel.tie_worst.sum())]
+        if total is not None:
+            best = best_classes(total, sources, rows=sel.valid)
+            names += list(BEST_CLASSES)
+            values += [best[c] for c in BEST_CLASSES]
         src = [sources[i] if i >= 0 else None for i in sel.chosen.tolist()]
         rej = [sources[i] if i >= 0 else None for i in sel.rejected.tolist()]
         for s in SOURCES:
@@ -476,6 +487,9 @@ class SuffixPolicyDPO(LightningModule):
                 metrics[f"select/rejected_{s}"] = counts[f"rejected_{s}"] / pairs
         for k in ("pairs", "skipped", "ties_best", "ties_worst"):
             metrics[f"select/{k}"] = counts[k]
+        for k in BEST_CLASSES:
+            if k in counts and pairs > 0:
+                metrics[f"select/{k}"] = counts[k] / pairs
         if self.hparams.include_rewrite:
             metrics["train/rewrite_unaligned"] = float(cands.unaligned_rewrites)
         if rollouts is not None:
