@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lit_selfimprove.callbacks.metrics_plot import read_metrics_csv  # noqa: E402
+from lit_selfimprove.metrics.paired import paired_difference  # noqa: E402
 
 STUDENT_ARMS = ("hard_only", "soar_pq", "soar_pq_true_answers")
 LABELS = {
@@ -221,13 +221,6 @@ def base_eval(root: Path, args) -> dict:
     return out
 
 
-def bootstrap_ci(diffs: list[float], reps: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of paired differences (resampling seeds)."""
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choices(diffs, k=len(diffs))) for _ in range(reps))
-    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
-
-
 def summarize(runs: dict, base: dict) -> dict:
     seeds = sorted(runs["soar"])
     arms = {"hard_only": {s: runs["hard_only"][s] for s in seeds}}
@@ -248,11 +241,8 @@ def summarize(runs: dict, base: dict) -> dict:
         common = sorted(set(arms[a]) & set(arms[b]))
         out = {"seeds": common}
         for m in METRICS:
-            diffs = [arms[a][s][m] - arms[b][s][m] for s in common]
-            if diffs:
-                lo, hi = bootstrap_ci(diffs)
-                out[m] = {"mean": statistics.mean(diffs), "ci95": [lo, hi], "per_seed": diffs,
-                          "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}  # fmt: skip
+            if common:
+                out[m] = paired_difference([arms[a][s][m] for s in common], [arms[b][s][m] for s in common])
         return out
 
     vendi = {"base_teacher": [runs["base_teacher"][s]["vendi_ngram"] for s in sorted(runs["base_teacher"])]}
@@ -318,7 +308,7 @@ def plot(summary: dict, base: dict, path: Path) -> None:
         cell = diff.get(m)
         if not cell:
             continue
-        lo, hi = cell["ci95"]
+        lo, hi = cell["ci"]
         ax.errorbar([j], [cell["mean"] * 100], yerr=[[(cell["mean"] - lo) * 100], [(hi - cell["mean"]) * 100]],
                     fmt="o", capsize=4, color="tab:blue")  # fmt: skip
         ax.scatter([j + 0.15] * len(cell["per_seed"]), [d * 100 for d in cell["per_seed"]], s=8, color="gray")
@@ -352,8 +342,8 @@ def print_tables(summary: dict) -> None:
             print(f"| {LABELS[arm]} | {row} |")
     for key in ("soar_pq_minus_hard_only", "true_answers_minus_pq"):
         d = summary[key]
-        cells = [f"{d[m]['mean'] * 100:+.1f} [{d[m]['ci95'][0] * 100:+.1f}, {d[m]['ci95'][1] * 100:+.1f}]"
-                 f" ({d[m]['wins']}/{len(d['seeds'])})" for m in METRICS if m in d]  # fmt: skip
+        cells = [f"{d[m]['mean'] * 100:+.1f} [{d[m]['ci'][0] * 100:+.1f}, {d[m]['ci'][1] * 100:+.1f}]"
+                 f" ({d[m]['wins']}/{d[m]['n']})" for m in METRICS if m in d]  # fmt: skip
         print(f"| {key} | " + " | ".join(cells) + " |")
     print("Vendi:", json.dumps({k: round(v["mean"], 2) for k, v in summary["vendi"].items()}))
     print(
@@ -368,13 +358,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument(
-        "--vendi-seeds", type=int, nargs="+", default=[0, 1, 2], help="claim 3 (intrinsic teachers)"
+        "--vendi-seeds", type=int, nargs="*", default=[0, 1, 2], help="claim 3 (intrinsic teachers)"
     )
     p.add_argument(
-        "--ablation-seeds", type=int, nargs="+", default=[0, 1, 2], help="claim 4 (PQ, true answers)"
+        "--ablation-seeds", type=int, nargs="*", default=[0, 1, 2], help="claim 4 (PQ, true answers)"
     )
     p.add_argument(
-        "--outer-steps", type=int, default=None, help="teacher outer steps (default: the configs')"
+        "--outer-steps", type=int, default=12, help="SOAR / Intrinsic-T outer steps (main job: 20)"
     )
     p.add_argument("--student-steps", type=int, default=60)
     p.add_argument("--questions", type=int, default=128, help="questions per teacher for Vendi")
@@ -385,11 +375,30 @@ def main() -> None:
     p.add_argument("--root", default="runs/soar_comparison")
     p.add_argument("--out", default="docs/soar_comparison.json")
     p.add_argument("--plot", default="docs/soar_comparison.png")
+    p.add_argument(
+        "--summarize",
+        metavar="JSON",
+        nargs="+",
+        help="only recompute the summary, tables and plot of records (merged by seed)",
+    )
     args = p.parse_args()
-    if args.outer_steps is None:
-        import yaml
-
-        args.outer_steps = yaml.safe_load(open(REPO / "configs/tiny/soar.yaml"))["trainer"]["max_steps"]
+    if args.summarize:
+        records = [json.loads(Path(f).read_text()) for f in args.summarize]
+        record = {
+            **records[0],
+            "command": [r["command"] for r in records],
+            "wall_s": [r["wall_s"] for r in records],
+        }
+        runs = {k: {} for k in records[0]["runs"]}
+        for r in records:
+            for k, arms in r["runs"].items():
+                runs[k].update({int(s): v for s, v in arms.items()})
+        record["runs"] = runs
+        record["summary"] = summarize(runs, record["base_student"])
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        plot(record["summary"], record["base_student"], Path(args.plot))
+        print_tables(record["summary"])
+        return
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
