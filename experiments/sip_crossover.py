@@ -37,9 +37,7 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,32 +61,8 @@ def run_training(name: str, cli_args: list[str], root: Path, reuse: bool) -> dic
     if reuse and (export / "run.json").exists():
         print(f"[reuse] {name}: {export}", flush=True)
         return {"command": shown, "export": str(export), **json.loads((export / "run.json").read_text())}
-    script = REPO / "experiments" / "sip_tiny_comparison.py"
-    shell = [
-        "nice",
-        "-n",
-        "5",
-        sys.executable,
-        str(script),
-        "train",
-        "--export",
-        str(export),
-        "--",
-        *cli_args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = root / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(shell, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{name} failed ({proc.returncode}); see {log}")
-    info = json.loads((export / "run.json").read_text())
-    info["wall_seconds"] = wall
-    (export / "run.json").write_text(json.dumps(info, indent=1))
-    print(f"  {name}: {wall:.0f} s wall", flush=True)
+    info = comparison.train_logged(export, cli_args, root / "logs" / f"{name}.log", name)
+    print(f"  {name}: {info['wall_seconds']:.0f} s wall", flush=True)
     return {"command": shown, "export": str(export), **info}
 
 

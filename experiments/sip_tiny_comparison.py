@@ -87,26 +87,34 @@ def arm_command(arm: str, seed: int, args, root: Path) -> list[str]:
 def run_arm(arm: str, seed: int, args, root: Path) -> dict:
     export = root / "policies" / f"{arm}_s{seed}"
     cli_args = arm_command(arm, seed, args, root)
-    shell = ["nice", "-n", "5", sys.executable, __file__, "train", "--export", str(export), "--", *cli_args]
     shown = "OMP_NUM_THREADS=1 nice -n 5 python -m lit_selfimprove " + " ".join(cli_args)
     if args.reuse and (export / "run.json").exists():
         info = json.loads((export / "run.json").read_text())
         print(f"[reuse] {arm} seed {seed}: {export}", flush=True)
         return {"command": shown, "export": str(export), **info, "reused": True}
+    info = train_logged(export, cli_args, root / "logs" / f"{arm}_s{seed}.log", f"{arm} seed {seed}")
+    print(
+        f"{arm} seed {seed}: {info['wall_seconds']:.0f} s wall ({info['fit_seconds']:.0f} s fit)", flush=True
+    )
+    return {"command": shown, "export": str(export), **info}
+
+
+def train_logged(export: Path, cli_args: list[str], log: Path, name: str) -> dict:
+    """``train`` mode of this script in its own process (one thread, ``nice -n 5``), output to ``log``;
+    the exported policy's ``run.json`` with ``wall_seconds`` added (also written back)."""
+    shell = ["nice", "-n", "5", sys.executable, __file__, "train", "--export", str(export), "--", *cli_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = root / "logs" / f"{arm}_s{seed}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(shell, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if proc.returncode:
-        raise RuntimeError(f"{arm} seed {seed} failed ({proc.returncode}); see {log}")
+        raise RuntimeError(f"{name} failed ({proc.returncode}); see {log}")
     info = json.loads((export / "run.json").read_text())
     info["wall_seconds"] = wall
     (export / "run.json").write_text(json.dumps(info, indent=1))
-    print(f"{arm} seed {seed}: {wall:.0f} s wall ({info['fit_seconds']:.0f} s fit)", flush=True)
-    return {"command": shown, "export": str(export), "wall_seconds": wall, **info}
+    return info
 
 
 # --------------------------------------------------------------------------- evaluation
