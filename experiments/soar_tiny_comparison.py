@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from lit_selfimprove.callbacks.metrics_plot import read_metrics_csv  # noqa: E402
 from lit_selfimprove.metrics.paired import paired_difference  # noqa: E402
+from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT  # noqa: E402
 
 STUDENT_ARMS = ("hard_only", "soar_pq", "soar_pq_true_answers")
 LABELS = {
@@ -53,7 +54,6 @@ LABELS = {
 METRICS = ("val/accuracy", "val/pass@1", "val/pass@4", "val/pass@16")
 TRAIN, TEST = "builtin:tiny-strict-train", "builtin:tiny-strict-test"
 WELL_FORMED = re.compile(r"^\d{1,6}\+\d{1,6}$")  # a sum of two numbers of the world's levels 1-6
-TEACHER_PROMPT = "Write a new problem.\n"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -127,7 +127,7 @@ def questions(root: Path, name: str, teacher: str, seed: int, args) -> dict:
     out = root / f"{name}_questions.jsonl"
     cmd = [
         sys.executable, "-m", "lit_selfimprove", "sample-questions", "--teacher", teacher,
-        "--prompt", TEACHER_PROMPT, "--num", str(args.questions), "--batch", "64", "--max-new-tokens", "160",
+        "--prompt", TINY_TEACHER_PROMPT, "--num", str(args.questions), "--batch", "64", "--max-new-tokens", "160",
         "--answer-check", "light", "--seed", str(seed), "--out", str(out),
     ]  # fmt: skip
     run(cmd, root / f"{name}_questions.log")
@@ -198,7 +198,7 @@ def base_eval(root: Path, args) -> dict:
         correct = []
         for i in range(0, len(rows), 16):
             batch = rows[i : i + 16]
-            prompts = [f"Q: {r['question']}\nA: " for r in batch]
+            prompts = [TINY_STUDENT_PROMPT.format(question=r["question"]) for r in batch]
             with torch.no_grad():
                 ro = generate(
                     model, tok, prompts, num_samples=n, max_new_tokens=80, temperature=1.0, generator=gen
