@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
+                   help="generation backend (vllm: a colocated vLLM engine)")  # fmt: skip
     args = p.parse_args(argv)
 
     from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     records, skipped = load_problems(args.source, format=args.format, split=args.hub_split, limit=args.limit)
     model = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.backend != "builtin":
+        from lit_selfimprove.generation import GenerationConfig, attach_backend
+
+        attach_backend(model, GenerationConfig(backend=args.backend))
     reward = MathVerifyReward(mode="binary")
     try:
         summary = build_fail_at_k(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lit_selfimprove.generation import generate
+from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
 from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
@@ -109,10 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--answer-check", choices=["math_verify", "light"], default="math_verify")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
+                   help="generation backend (vllm: a colocated vLLM engine)")  # fmt: skip
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("--num must be >= 1")
     model, tokenizer, prompt = load_teacher(args.teacher, args.dtype)
+    if args.backend != "builtin":
+        attach_backend(model, GenerationConfig(backend=args.backend))
     prompt = args.prompt if args.prompt is not None else prompt
     if prompt is None:
         p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")

@@ -59,7 +59,11 @@ def test_bad_override_is_an_error(capsys):
 
 @pytest.mark.parametrize(
     "override",
-    ["--model.init_args.rl.advantage=ppo", "--model.init_args.rl.loss_aggregation=mean"],
+    [
+        "--model.init_args.rl.advantage=ppo",
+        "--model.init_args.rl.loss_aggregation=mean",
+        "--model.init_args.generation.backend=sglang",
+    ],
 )
 def test_a_bad_choice_in_a_settings_group_is_a_parse_error(override):
     with pytest.raises(SystemExit):
@@ -70,3 +74,11 @@ def test_a_bad_teacher_choice_is_a_parse_error():
     for override in ("--model.init_args.teacher_reward=learned", "--model.init_args.inner.advantage=ppo"):
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(REPO / "configs/tiny/soar.yaml"), override, "--print_config"])
+
+
+def test_the_generation_backend_is_a_settings_group(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs/tiny/soar.yaml"), "--model.init_args.generation.backend=vllm",
+              "--model.init_args.generation.kv_cache_gb=2", "--print_config"])  # fmt: skip
+    generation = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["generation"]
+    assert generation["backend"] == "vllm" and generation["kv_cache_gb"] == 2.0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_selfimprove.distributed import any_rank, initialized
+from lit_selfimprove.generation.backend import backend_of
 
 
 @dataclass
@@ -105,10 +106,10 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _expand_token_prompts(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, num_samples: int, device: torch.device
+def _check_token_prompts(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenized prompts repeated ``num_samples`` times each (row ``i`` -> rows ``i*n .. i*n+n-1``)."""
+    """Tokenized LEFT-padded prompts, checked and moved to ``device``."""
     if prompt_ids.ndim != 2 or prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a non-empty [B, P] tensor, got {tuple(prompt_ids.shape)}")
     if prompt_mask is None:
@@ -118,17 +119,15 @@ def _expand_token_prompts(
     # left padding: the next token of every row is sampled from the last column
     if not bool((prompt_mask[:, -1] != 0).all()):
         raise ValueError("prompt_ids must be LEFT-padded (every row's last column a real token)")
-    prompt_ids = prompt_ids.to(device).long().repeat_interleave(num_samples, dim=0)
-    prompt_mask = prompt_mask.to(device).long().repeat_interleave(num_samples, dim=0)
-    return prompt_ids, prompt_mask
+    return prompt_ids.to(device).long(), prompt_mask.to(device).long()
 
 
 def _tokenize_prompts(
-    tokenizer, prompts: list[str], num_samples: int, device: torch.device, max_prompt_tokens: int | None
+    tokenizer, prompts: list[str], device: torch.device, max_prompt_tokens: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """String prompts, each repeated ``num_samples`` times, tokenized LEFT-padded on ``device``."""
+    """String prompts tokenized LEFT-padded on ``device``."""
     enc = tokenizer(
-        [p for p in prompts for _ in range(num_samples)],
+        list(prompts),
         return_tensors="pt",
         padding=True,
         padding_side="left",
@@ -188,6 +187,27 @@ def _decode(
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long(), done
 
 
+class BuiltinSampler:
+    """The package's own sampler (the default backend): a KV-cached loop over the model itself.
+
+    Every random number comes from the call's ``torch.Generator``, so a seeded run repeats
+    exactly; ``sync_ranks`` keeps sharded models' ranks stepping together.
+    """
+
+    def sample(self, model, prompt_ids, prompt_mask, num_samples, eos, pad_id, max_new_tokens,
+               temperature, top_p, generator, sync_ranks):  # fmt: skip
+        prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+        was_training = model.training
+        model.eval()
+        try:
+            return _decode(model, prompt_ids, prompt_mask, eos, pad_id, max_new_tokens, temperature,
+                           top_p, generator, sync_ranks)  # fmt: skip
+        finally:
+            if was_training:
+                model.train()
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -203,7 +223,9 @@ def generate(
     prompt_ids: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
 ) -> Rollouts:
-    """Sample ``num_samples`` completions per prompt (``temperature=0`` is greedy).
+    """Sample ``num_samples`` completions per prompt (``temperature=0`` is greedy) with the
+    backend attached to ``model`` (:func:`~lit_selfimprove.generation.attach_backend`; default:
+    the built-in sampler).
 
     Prompts are strings (tokenized here) or, instead, already tokenized LEFT-padded
     ``prompt_ids`` / ``prompt_mask`` ``[B, P]`` tensors: a data module that cut documents
@@ -225,23 +247,25 @@ def generate(
     if sync_ranks is None:
         sync_ranks = initialized()
     if prompt_ids is not None:
-        prompt_ids, prompt_mask = _expand_token_prompts(prompt_ids, prompt_mask, num_samples, device)
+        prompt_ids, prompt_mask = _check_token_prompts(prompt_ids, prompt_mask, device)
     else:
-        prompt_ids, prompt_mask = _tokenize_prompts(
-            tokenizer, prompts, num_samples, device, max_prompt_tokens
-        )
+        prompt_ids, prompt_mask = _tokenize_prompts(tokenizer, prompts, device, max_prompt_tokens)
     eos_ids = tokenizer.eos_token_id
     eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), device=device)
     pad_id = tokenizer.pad_token_id
 
-    was_training = model.training
-    model.eval()
-    completion_ids, completion_mask, done = _decode(
-        model, prompt_ids, prompt_mask, eos, pad_id, max_new_tokens, temperature, top_p, generator, sync_ranks
-    )
-    if was_training:
-        model.train()
+    completion_ids, completion_mask, done = backend_of(model).sample(
+        model, prompt_ids, prompt_mask, num_samples, eos, pad_id, max_new_tokens, temperature, top_p,
+        generator, sync_ranks,
+    )  # fmt: skip
     texts = tokenizer.batch_decode(
         completion_ids.masked_fill(completion_mask == 0, pad_id), skip_special_tokens=True
     )
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, done)
+    return Rollouts(
+        prompt_ids.repeat_interleave(num_samples, dim=0),
+        prompt_mask.repeat_interleave(num_samples, dim=0),
+        completion_ids,
+        completion_mask,
+        texts,
+        done,
+    )

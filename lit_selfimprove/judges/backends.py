@@ -69,6 +69,8 @@ class HFChatBackend:
         seed: seed of the backend's own sampling generator.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``).
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
+        generation: sampling backend (``GenerationConfig`` or its dict, e.g. ``{backend: vllm}``);
+            default: the built-in sampler.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class HFChatBackend:
         seed: int = 0,
         attn_implementation: str | None = None,
         quantization: dict | None = None,
+        generation: dict | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -96,6 +99,7 @@ class HFChatBackend:
         self.seed = seed
         self.attn_implementation = attn_implementation
         self.quantization = quantization
+        self.generation = generation
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self._generator: torch.Generator | None = None
@@ -124,6 +128,10 @@ class HFChatBackend:
         if not self.quantization:  # bitsandbytes models are placed by from_pretrained
             model.to(device)
         self.model, self.tokenizer = model, tok
+        if self.generation:
+            from lit_selfimprove.generation import attach_backend
+
+            attach_backend(model, self.generation)
         # one stream per rank: ranks judge different data and must not share random draws
         _, rank = world()
         gen = torch.Generator(device=next(model.parameters()).device)

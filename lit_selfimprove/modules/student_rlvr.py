@@ -23,14 +23,16 @@ from collections.abc import Callable, Sequence
 import torch
 from lightning import LightningModule
 
-from lit_selfimprove.generation import generate
+from lit_selfimprove.generation import GenerationConfig, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
 from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
+    attach_generation,
     check_at_least_one,
+    generation_config,
     load_policy,
     on_device,
     sampling_generator,
@@ -78,6 +80,9 @@ class StudentRLVR(LightningModule):
         val_ks: the k of pass@k (k > val_num_samples are skipped).
         val_temperature: sampling temperature for pass@k.
         val_max_new_tokens: generation budget at validation (defaults to ``max_new_tokens``).
+        generation: the sampling backend (``GenerationConfig``; YAML ``generation: {backend: vllm}``):
+            the built-in sampler (default) or a colocated vLLM engine refreshed from the trained
+            weights before each generation that follows a change.
         dtype: compute dtype (``float32`` on CPU; ``bfloat16`` on GPUs, through FSDP2's
             MixedPrecisionPolicy or the Trainer's ``precision: bf16-mixed``) and storage dtype of the
             frozen KL reference. The trained policy always keeps float32 master weights.
@@ -107,6 +112,7 @@ class StudentRLVR(LightningModule):
         val_ks: Sequence[int] = (1, 4, 8, 16, 32),
         val_temperature: float = 1.0,
         val_max_new_tokens: int | None = None,
+        generation: GenerationConfig | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         quantization: dict | None = None,
@@ -122,8 +128,10 @@ class StudentRLVR(LightningModule):
             RLVRConfig(**rl) if isinstance(rl, dict) else rl or RLVRConfig()
         )  # a dict: from hparams.yaml
         check_at_least_one(val_max_new_tokens=val_max_new_tokens, micro_batch_size=self.rl.micro_batch_size)
+        self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["reward"])
         self.hparams["rl"] = dataclasses.asdict(self.rl)  # plain data in checkpoints (weights_only loads)
+        self.hparams["generation"] = dataclasses.asdict(self.generation)
         self.automatic_optimization = False
         if reward is None:
             from lit_selfimprove.rewards import MathVerifyReward
@@ -139,6 +147,7 @@ class StudentRLVR(LightningModule):
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
         load_policy(self, reference=self.rl.kl_coef > 0)
+        attach_generation(self.generation, self.policy)
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("StudentRLVR", self.policy)

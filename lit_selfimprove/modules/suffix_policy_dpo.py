@@ -26,6 +26,7 @@ suffix is the document's next tokens, and a rewrite is tokenized in the context 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -35,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_selfimprove.distributed import all_reduce_max, all_reduce_sum, seeded_generator, world_size
-from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.generation import GenerationConfig, Rollouts, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.loops.sip import (
     BEST_CLASSES,
@@ -51,10 +52,12 @@ from lit_selfimprove.loops.sip import (
 from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
+    attach_generation,
     check_at_least_one,
     cosine_schedule,
     data_parallel_rank,
     estimated_total_steps,
+    generation_config,
     load_policy,
     on_device,
     write_samples,
@@ -98,6 +101,9 @@ class SuffixPolicyDPO(LightningModule):
         micro_batch_size: prefixes (pairs) per forward/backward; ``None``: the whole batch.
         val_temperature: sampling temperature of the validation continuation.
         val_max_new_tokens: validation continuation length (default: as in training).
+        generation: the sampling backend (``GenerationConfig``; YAML ``generation: {backend: vllm}``):
+            the built-in sampler (default) or a colocated vLLM engine refreshed from the trained
+            weights before each generation that follows a change.
         dtype: compute dtype (bf16 via FSDP2 MixedPrecisionPolicy or Trainer precision
             bf16-mixed) and storage dtype of the frozen reference; the trained policy always
             keeps float32 master weights.
@@ -144,6 +150,7 @@ class SuffixPolicyDPO(LightningModule):
         micro_batch_size: int | None = None,
         val_temperature: float = 1.0,
         val_max_new_tokens: int | None = None,
+        generation: GenerationConfig | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         quantization: dict | None = None,
@@ -173,7 +180,9 @@ class SuffixPolicyDPO(LightningModule):
             raise ValueError("max_unparseable_frac and max_skipped_frac must be in [0, 1]")
         if fail_after_steps is not None and fail_after_steps < 1:
             raise ValueError(f"fail_after_steps must be >= 1 or None, got {fail_after_steps}")
+        self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["judge", "rewriter"])
+        self.hparams["generation"] = dataclasses.asdict(self.generation)  # plain data in checkpoints
         self.automatic_optimization = False
         # judge / rewriter may be nn.Modules (local HF models): a plain dict keeps them out of
         # the module tree, so they are neither in the state_dict nor moved by Lightning
@@ -204,6 +213,7 @@ class SuffixPolicyDPO(LightningModule):
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
         load_policy(self, reference=self.hparams.loss == "dpo")
+        attach_generation(self.generation, self.policy)
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("SuffixPolicyDPO", self.policy)

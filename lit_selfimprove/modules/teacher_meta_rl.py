@@ -48,7 +48,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.distributed import broadcast_object, gather_objects, seeded_generator, world
-from lit_selfimprove.generation import Rollouts, generate
+from lit_selfimprove.generation import GenerationConfig, Rollouts, generate
 from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
 from lit_selfimprove.loops.teacher import math_verify_parseable
@@ -58,6 +58,8 @@ from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
     adamw_with_warmup,
+    attach_generation,
+    generation_config,
     on_device,
     sampling_generator,
     write_samples,
@@ -133,6 +135,9 @@ class TeacherMetaRL(LightningModule):
         require_improvement: promote only a student whose dataset beat the baseline (R_k* > 0).
         median: which repeat is "the median-reward student" when r is even: ``lower`` or ``upper``
             (with r = 2: the worse or the better of the two).
+        generation: the sampling backend (``GenerationConfig``; YAML ``generation: {backend: vllm}``):
+            the built-in sampler (default) or colocated vLLM engines (teacher, working student) refreshed from the trained
+            weights before each generation that follows a change.
         dtype: compute dtype of both models (``bfloat16`` on GPUs: FSDP2's MixedPrecisionPolicy for
             the teacher, the Trainer's ``precision: bf16-mixed`` for everything) and storage dtype of
             the frozen references. Teacher and students always keep float32 master weights: an
@@ -189,6 +194,7 @@ class TeacherMetaRL(LightningModule):
         promotion_window: int = 3,
         reset_after_promotion: bool = True,
         require_improvement: bool = True,
+        generation: GenerationConfig | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         log_samples_every: int = 10,
@@ -199,9 +205,11 @@ class TeacherMetaRL(LightningModule):
         super().__init__()
         # a dict: from hparams.yaml
         inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
+        self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
         check_soar_hparams(self.hparams, inner)
         self.hparams["inner"] = dataclasses.asdict(inner)  # plain data in checkpoints (weights_only loads)
+        self.hparams["generation"] = dataclasses.asdict(self.generation)
         # the Vendi score of each step's questions (diversity; a collapsing teacher shows here)
         self.diversity_embedding = diversity_embedding or HashingNgramEmbedding()
         self.automatic_optimization = False
@@ -237,6 +245,9 @@ class TeacherMetaRL(LightningModule):
         self.student, _ = load_trained_model(hp.student, **kwargs)
         if ref is not None:
             self._frozen["ref"] = ref
+        # the teacher and the working student each get their own engine (vLLM): the student's is
+        # refreshed after every inner optimizer step, restore of the baseline and promotion
+        attach_generation(self.generation, self.teacher, self.student)
         # DDP must not all-reduce the students' gradients: each rank trains different copies
         self._ddp_params_and_buffers_to_ignore = [
             f"student.{name}" for name, _ in self.student.named_parameters(remove_duplicate=False)
