@@ -49,6 +49,35 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     return tok
 
 
+FLASH_ATTENTION = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attn_implementation(attn_implementation: str | None) -> None:
+    """Fail at start-up, not mid-run, when the attention kernel asked for cannot run here.
+
+    ``None`` is transformers' default (``sdpa`` where the architecture has it, else ``eager``).
+    ``flash_attention_2`` / ``_3`` need their package (the ``flash-attn`` extra, CUDA only) and a
+    CUDA GPU; anything else is checked by ``from_pretrained`` itself.
+    """
+    package = FLASH_ATTENTION.get(attn_implementation or "")
+    if package is None:
+        return
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec(package) is None:
+        missing.append(
+            f"the {package} package (pip install 'lit-selfimprove[flash-attn]', CUDA machines only)"
+        )
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if missing:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} needs {' and '.join(missing)}; "
+            "use 'sdpa' (the default) on this machine"
+        )
+
+
 def load_causal_lm(
     name_or_path: str,
     dtype: str | torch.dtype | None = "float32",
@@ -63,8 +92,9 @@ def load_causal_lm(
     Args:
         name_or_path: hub id, local folder, or ``builtin:NAME`` for a bundled tiny model.
         dtype: ``float32`` (use it on CPU), ``bfloat16``, ``float16`` or ``auto``.
-        attn_implementation: passed to ``from_pretrained`` (``flash_attention_2`` needs the
-            ``gpu`` extra and a CUDA device).
+        attn_implementation: passed to ``from_pretrained``; ``None``: transformers' default
+            (``sdpa``). ``flash_attention_2`` needs the ``flash-attn`` extra and a CUDA device
+            (checked first: :func:`check_attn_implementation`).
         quantization: kwargs of ``transformers.BitsAndBytesConfig`` (e.g.
             ``{"load_in_4bit": true}``); needs the ``gpu`` extra.
         lora: kwargs of ``peft.LoraConfig`` (e.g. ``{"r": 16, "target_modules": "all-linear"}``);
@@ -76,6 +106,7 @@ def load_causal_lm(
 
     name_or_path = resolve_model(name_or_path)  # a missing local path: FileNotFoundError, not a hub error
 
+    check_attn_implementation(attn_implementation)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lit_selfimprove import world
+from lit_selfimprove.judges import HFChatBackend
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
 from tests.conftest import REPO
 
 MISSING = [
@@ -136,3 +140,26 @@ def test_a_reward_that_never_pays_warns_once():
     assert not watch.update(True)  # once
     watch = ZeroRewardWatch("StudentRLVR", steps=3)
     assert not any(watch.update(z) for z in [True, True, False, True, True])  # the streak restarts
+
+
+FLASH = {"attn_implementation": "flash_attention_2"}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: StudentRLVR(model="builtin:tiny-student", **FLASH),
+        lambda: TeacherMetaRL(teacher="builtin:tiny-teacher", student="builtin:tiny-student", **FLASH),
+        lambda: NextTokenLM(model="builtin:tiny-student", **FLASH),
+        lambda: HFChatBackend("builtin:tiny-student", **FLASH),
+        lambda: load_causal_lm("builtin:tiny-student", **FLASH),
+    ],
+    ids=["StudentRLVR", "TeacherMetaRL", "NextTokenLM", "HFChatBackend", "load_causal_lm"],
+)
+def test_flash_attention_without_its_package_or_a_gpu_fails_at_start_up(build):
+    """Asking for flash_attention_2 where it cannot run fails when the object is built (config
+    parsing time for the CLI), naming what is missing, not when the model loads mid-run."""
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        pytest.skip("flash-attn and a GPU are here: flash_attention_2 is allowed")
+    with pytest.raises(ValueError, match="flash_attention_2.*needs .*(flash_attn|CUDA GPU).*use 'sdpa'"):
+        build()

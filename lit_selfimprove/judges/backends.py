@@ -89,6 +89,9 @@ class HFChatBackend:
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        from lit_selfimprove.modeling import check_attn_implementation
+
+        check_attn_implementation(attn_implementation)  # now, not at the first (lazy) load
         self.model_name = model
         self.tokenizer_name = tokenizer or model
         self.dtype = dtype

@@ -23,7 +23,12 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_selfimprove.modeling import load_tokenizer, load_trained_model, warn_if_half_trainable
+from lit_selfimprove.modeling import (
+    check_attn_implementation,
+    load_tokenizer,
+    load_trained_model,
+    warn_if_half_trainable,
+)
 from lit_selfimprove.modules._shared import adamw_with_warmup, cosine_schedule, estimated_total_steps
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 
@@ -44,6 +49,8 @@ class NextTokenLM(LightningModule):
         min_lr_ratio: cosine floor as a fraction of ``lr``.
         dtype: compute dtype (``float32`` on CPU; bf16 compute comes from the Trainer's
             ``precision: bf16-mixed``). The trained weights are always float32 master weights.
+        attn_implementation: attention kernel of a model loaded from ``model`` (``None``:
+            transformers' default, ``sdpa``; ``flash_attention_2`` needs flash-attn and a GPU).
         save_to: if set, the trained model and tokenizer are written there as a Hugging Face
             folder when training ends.
     """
@@ -58,9 +65,11 @@ class NextTokenLM(LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         dtype: str = "float32",
+        attn_implementation: str | None = None,
         save_to: str | None = None,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         if model is None and model_config is None:
             raise ValueError(
                 "NextTokenLM needs `model` (a hub id or folder) or `model_config` (from scratch)"
@@ -76,7 +85,9 @@ class NextTokenLM(LightningModule):
             return
         hp = self.hparams
         if hp.model is not None:
-            self.model, _ = load_trained_model(hp.model, dtype=hp.dtype)
+            self.model, _ = load_trained_model(
+                hp.model, dtype=hp.dtype, attn_implementation=hp.get("attn_implementation")
+            )
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -26,7 +26,7 @@ from lightning import LightningModule
 from lit_selfimprove.generation import GenerationConfig, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
-from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
+from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
@@ -122,6 +122,7 @@ class StudentRLVR(LightningModule):
         warn_zero_reward_steps: int | None = 20,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
         self.rl = (

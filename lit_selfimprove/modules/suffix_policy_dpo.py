@@ -49,7 +49,7 @@ from lit_selfimprove.loops.sip import (
     loss_stats,
     tokenize_after,
 )
-from lit_selfimprove.modeling import load_tokenizer, warn_if_half_trainable
+from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
     attach_generation,
@@ -163,6 +163,7 @@ class SuffixPolicyDPO(LightningModule):
         fail_after_steps: int | None = 20,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         check_at_least_one(max_new_tokens=max_new_tokens, val_max_new_tokens=val_max_new_tokens)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

@@ -53,7 +53,13 @@ from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
 from lit_selfimprove.loops.teacher import math_verify_parseable
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
-from lit_selfimprove.modeling import frozen_copy, load_tokenizer, load_trained_model, warn_if_half_trainable
+from lit_selfimprove.modeling import (
+    check_attn_implementation,
+    frozen_copy,
+    load_tokenizer,
+    load_trained_model,
+    warn_if_half_trainable,
+)
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
@@ -203,6 +209,7 @@ class TeacherMetaRL(LightningModule):
         warn_zero_reward_steps: int | None = 20,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         # a dict: from hparams.yaml
         inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
         self.generation = generation_config(generation)
