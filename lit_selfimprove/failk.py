@@ -173,10 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     records, skipped = load_problems(args.source, format=args.format, split=args.hub_split, limit=args.limit)
     model = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if args.backend != "builtin":
-        from lit_selfimprove.generation import GenerationConfig, attach_backend
+    from lit_selfimprove.generation import GenerationConfig, attach_backend
 
-        attach_backend(model, GenerationConfig(backend=args.backend))
+    attach_backend(model, GenerationConfig(backend=args.backend))
     reward = MathVerifyReward(mode="binary")
     try:
         summary = build_fail_at_k(

@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.num < 1:
         p.error("--num must be >= 1")
     model, tokenizer, prompt = load_teacher(args.teacher, args.dtype)
-    if args.backend != "builtin":
-        attach_backend(model, GenerationConfig(backend=args.backend))
+    attach_backend(model, GenerationConfig(backend=args.backend))
     prompt = args.prompt if args.prompt is not None else prompt
     if prompt is None:
         p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")

@@ -66,9 +66,7 @@ def test_soar_samples_teacher_and_student_through_their_backends(tiny_random_lm,
     from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
 
     made = []
-    monkeypatch.setattr(
-        backend_module, "make_backend", lambda config, tokenizer=None: made.append(Recording()) or made[-1]
-    )
+    monkeypatch.setattr(backend_module, "make_backend", lambda config: made.append(Recording()) or made[-1])
     module = TeacherMetaRL(
         teacher="builtin:tiny-teacher", student="builtin:tiny-student", teacher_prompt=TINY_TEACHER_PROMPT,
         prompt_template=TINY_STUDENT_PROMPT, num_datasets=2, dataset_size=2, num_repeats=1,

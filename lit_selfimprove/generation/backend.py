@@ -101,7 +101,7 @@ class GenerationBackend(Protocol):
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def make_backend(config: GenerationConfig | dict | None, tokenizer=None) -> GenerationBackend:
+def make_backend(config: GenerationConfig | dict | None) -> GenerationBackend:
     """The backend a config names (``None``: the built-in sampler)."""
     if config is None or isinstance(config, dict):
         config = GenerationConfig(**(config or {}))
@@ -111,14 +111,15 @@ def make_backend(config: GenerationConfig | dict | None, tokenizer=None) -> Gene
         return BuiltinSampler()
     from lit_selfimprove.generation.vllm_backend import VLLMBackend
 
-    return VLLMBackend(config, tokenizer)
+    return VLLMBackend(config)
 
 
 def attach_backend(
-    model: torch.nn.Module, config: GenerationConfig | dict | GenerationBackend | None, tokenizer=None
+    model: torch.nn.Module, config: GenerationConfig | dict | GenerationBackend | None
 ) -> GenerationBackend:
-    """Make ``model`` sample through the backend ``config`` names (or an existing backend)."""
-    backend = config if isinstance(config, GenerationBackend) else make_backend(config, tokenizer)
+    """Make ``model`` sample through the backend ``config`` names (or an existing backend);
+    ``backend: builtin`` (or ``None``) attaches the built-in sampler, which holds no state."""
+    backend = config if isinstance(config, GenerationBackend) else make_backend(config)
     _BACKENDS[model] = backend
     return backend
 

@@ -55,7 +55,7 @@ def _import_vllm():
 class VLLMBackend:
     """A vLLM engine serving one trained model (see the module docstring)."""
 
-    def __init__(self, config: GenerationConfig, tokenizer=None) -> None:
+    def __init__(self, config: GenerationConfig) -> None:
         self.config = config
         self.vllm = _import_vllm()
         self.llm = None

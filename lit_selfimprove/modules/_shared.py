@@ -11,21 +11,20 @@ import torch
 from lightning import LightningModule
 
 from lit_selfimprove.distributed import seeded_generator
-from lit_selfimprove.generation import GenerationConfig, attach_backend
+from lit_selfimprove.generation import GenerationConfig
 from lit_selfimprove.modeling import load_trained_model
 from lit_selfimprove.prompts import as_user_turn
 
 __all__ = [
     "ZeroRewardWatch",
     "adamw",
-    "attach_generation",
-    "generation_config",
     "adamw_with_warmup",
     "as_user_turn",
     "check_at_least_one",
     "cosine_schedule",
     "data_parallel_rank",
     "estimated_total_steps",
+    "generation_config",
     "linear_warmup",
     "on_device",
     "sampling_generator",
@@ -46,13 +45,6 @@ def on_device(model: torch.nn.Module | None, device: torch.device) -> torch.nn.M
 def generation_config(value: GenerationConfig | dict | None) -> GenerationConfig:
     """A module's ``generation`` argument as a config (a dict: from hparams.yaml)."""
     return GenerationConfig(**value) if isinstance(value, dict) else value or GenerationConfig()
-
-
-def attach_generation(config: GenerationConfig, *models: torch.nn.Module) -> None:
-    """Make ``models`` sample through the configured backend (the built-in sampler needs nothing)."""
-    if config.backend != "builtin":
-        for model in models:
-            attach_backend(model, config)
 
 
 def load_policy(module: LightningModule, reference: bool) -> None:

@@ -23,14 +23,13 @@ from collections.abc import Callable, Sequence
 import torch
 from lightning import LightningModule
 
-from lit_selfimprove.generation import GenerationConfig, generate
+from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
 from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
-    attach_generation,
     check_at_least_one,
     generation_config,
     load_policy,
@@ -148,7 +147,7 @@ class StudentRLVR(LightningModule):
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
         load_policy(self, reference=self.rl.kl_coef > 0)
-        attach_generation(self.generation, self.policy)
+        attach_backend(self.policy, self.generation)
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("StudentRLVR", self.policy)

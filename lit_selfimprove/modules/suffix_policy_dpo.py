@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_selfimprove.distributed import all_reduce_max, all_reduce_sum, seeded_generator, world_size
-from lit_selfimprove.generation import GenerationConfig, Rollouts, generate
+from lit_selfimprove.generation import GenerationConfig, Rollouts, attach_backend, generate
 from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewriter
 from lit_selfimprove.loops.sip import (
     BEST_CLASSES,
@@ -52,7 +52,6 @@ from lit_selfimprove.loops.sip import (
 from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
-    attach_generation,
     check_at_least_one,
     cosine_schedule,
     data_parallel_rank,
@@ -214,7 +213,7 @@ class SuffixPolicyDPO(LightningModule):
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
         load_policy(self, reference=self.hparams.loss == "dpo")
-        attach_generation(self.generation, self.policy)
+        attach_backend(self.policy, self.generation)
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("SuffixPolicyDPO", self.policy)

@@ -48,7 +48,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.distributed import broadcast_object, gather_objects, seeded_generator, world
-from lit_selfimprove.generation import GenerationConfig, Rollouts, generate
+from lit_selfimprove.generation import GenerationConfig, Rollouts, attach_backend, generate
 from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
 from lit_selfimprove.loops.teacher import math_verify_parseable
@@ -64,7 +64,6 @@ from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
     adamw_with_warmup,
-    attach_generation,
     generation_config,
     on_device,
     sampling_generator,
@@ -142,8 +141,8 @@ class TeacherMetaRL(LightningModule):
         median: which repeat is "the median-reward student" when r is even: ``lower`` or ``upper``
             (with r = 2: the worse or the better of the two).
         generation: the sampling backend (``GenerationConfig``; YAML ``generation: {backend: vllm}``):
-            the built-in sampler (default) or colocated vLLM engines (teacher, working student) refreshed from the trained
-            weights before each generation that follows a change.
+            the built-in sampler (default) or colocated vLLM engines (teacher, working student)
+            refreshed from the trained weights before each generation that follows a change.
         dtype: compute dtype of both models (``bfloat16`` on GPUs: FSDP2's MixedPrecisionPolicy for
             the teacher, the Trainer's ``precision: bf16-mixed`` for everything) and storage dtype of
             the frozen references. Teacher and students always keep float32 master weights: an
@@ -254,7 +253,8 @@ class TeacherMetaRL(LightningModule):
             self._frozen["ref"] = ref
         # the teacher and the working student each get their own engine (vLLM): the student's is
         # refreshed after every inner optimizer step, restore of the baseline and promotion
-        attach_generation(self.generation, self.teacher, self.student)
+        attach_backend(self.teacher, self.generation)
+        attach_backend(self.student, self.generation)
         # DDP must not all-reduce the students' gradients: each rank trains different copies
         self._ddp_params_and_buffers_to_ignore = [
             f"student.{name}" for name, _ in self.student.named_parameters(remove_duplicate=False)
