@@ -289,11 +289,13 @@ def worker_main(name: str, conn, cfg: dict) -> None:
 
 # --------------------------------------------------------------------------------------- parent
 class Worker:
-    def __init__(self, name: str, ctx, cfg: dict, timeout: float):
+    """Parent side of one worker process (``target(name, conn, cfg)``, default :func:`worker_main`)."""
+
+    def __init__(self, name: str, ctx, cfg: dict, timeout: float, target=None):
         self.name, self.timeout = name, timeout
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=worker_main, args=(name, child, cfg), name=f"bench-{name}", daemon=True
+            target=target or worker_main, args=(name, child, cfg), name=f"bench-{name}", daemon=True
         )
         self.proc.start()
         child.close()

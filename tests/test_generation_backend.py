@@ -25,6 +25,7 @@ class Recording(BuiltinSampler):
     """The built-in sampler, counting its calls."""
 
     def __init__(self):
+        super().__init__()
         self.calls = []
 
     def sample(self, model, prompt_ids, prompt_mask, num_samples, *args):

@@ -15,6 +15,8 @@ import torch
 
 from lit_selfimprove.distributed import any_rank, initialized
 from lit_selfimprove.generation.backend import backend_of
+from lit_selfimprove.generation.llama_decode import LlamaDecoder
+from lit_selfimprove.generation.llama_decode import supports as supports_lean
 
 
 @dataclass
@@ -137,6 +139,34 @@ def _tokenize_prompts(
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+class _ForwardDecoder:
+    """Decoding through the model's own forward and cache: any causal LM (the fallback of
+    :class:`~lit_selfimprove.generation.llama_decode.LlamaDecoder`, same interface)."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens: int) -> None:
+        self.model = model
+        self.mask = prompt_mask
+        self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache_arg = _cache_kwarg(model)
+        out = model(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=self.positions, use_cache=True
+        )
+        self.cache, self.logits = _get_cache(out), out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **{self.cache_arg: self.cache},
+        )
+        self.cache = _get_cache(out)
+        return out.logits[:, -1]
+
+
 def _decode(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -148,20 +178,17 @@ def _decode(
     top_p: float,
     generator: torch.Generator | None,
     sync_ranks: bool,
+    lean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The KV-cached sampling loop: ``(completion_ids, completion_mask, finished)`` for the prompt rows.
 
     Rows that hit EOS are padded with ``pad_id`` (mask 0) while the others go on; with ``sync_ranks`` the
     loop runs until every rank is done.
     """
-    device = prompt_ids.device
-    batch = prompt_ids.shape[0]
-    mask = prompt_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = _cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = _get_cache(out), out.logits[:, -1]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    decoder = LlamaDecoder if lean and supports_lean(model) else _ForwardDecoder
+    dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens)
+    logits = dec.logits
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=logits.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
         nxt = _sample_next(logits, temperature, top_p, generator)
@@ -172,18 +199,9 @@ def _decode(
         if step == max_new_tokens - 1:
             break
         local_done = bool(done.all())
-        if (sync_ranks and not any_rank(not local_done, device)) or (not sync_ranks and local_done):
+        if (sync_ranks and not any_rank(not local_done, logits.device)) or (not sync_ranks and local_done):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{cache_arg: cache},
-        )
-        cache, logits = _get_cache(out), out.logits[:, -1]
+        logits = dec.step(nxt)
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long(), done
 
 
@@ -192,7 +210,18 @@ class BuiltinSampler:
 
     Every random number comes from the call's ``torch.Generator``, so a seeded run repeats
     exactly; ``sync_ranks`` keeps sharded models' ranks stepping together.
+
+    Args:
+        lean: decode Llama-architecture models with
+            :class:`~lit_selfimprove.generation.llama_decode.LlamaDecoder` (static KV buffers, no
+            per-step transformers overhead) where it applies; its logits are bitwise those of the
+            model's own forward. ``False``: always the model's forward.
     """
+
+    lean: bool = True  # (a class default too: subclasses need not call __init__)
+
+    def __init__(self, lean: bool = True) -> None:
+        self.lean = lean
 
     def sample(self, model, prompt_ids, prompt_mask, num_samples, eos, pad_id, max_new_tokens,
                temperature, top_p, generator, sync_ranks):  # fmt: skip
@@ -202,7 +231,7 @@ class BuiltinSampler:
         model.eval()
         try:
             return _decode(model, prompt_ids, prompt_mask, eos, pad_id, max_new_tokens, temperature,
-                           top_p, generator, sync_ranks)  # fmt: skip
+                           top_p, generator, sync_ranks, self.lean)  # fmt: skip
         finally:
             if was_training:
                 model.train()

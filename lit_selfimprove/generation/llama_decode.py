@@ -1,0 +1,178 @@
+"""A lean decode step for Llama-architecture models, used by the built-in sampler.
+
+On small models the per-token cost of ``model(input_ids, cache=...)`` is Python, not arithmetic:
+transformers' output capturing, mask construction and a growing ``DynamicCache`` cost more than
+the matrix products of a 1M-parameter model. :class:`LlamaDecoder` runs the same operations, in
+the same order, on the model's own weights:
+
+- keys and values go into buffers allocated once for the whole completion (no ``torch.cat`` per
+  step), and attention reads a view of their first ``t`` positions;
+- the decoder layers are plain function calls, and the attention mask of a step is a slice of one
+  mask built up front.
+
+Its logits are bitwise equal to the model's own forward (``tests/test_llama_decode.py`` checks it
+on every step, with and without padding, with grouped-query attention), so a seeded run samples the
+same tokens either way. :func:`supports` says when it applies: a plain ``LlamaForCausalLM`` with ``sdpa`` attention and
+unsharded, unquantized, un-wrapped (no LoRA / hooks) linear layers; everything else samples through
+the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LlamaDecoder", "supports"]
+
+_STATIC_ROPE = {"default", "linear", "llama3"}  # inverse frequencies that do not depend on the length
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether :class:`LlamaDecoder` reproduces ``model``'s forward exactly."""
+    try:
+        from transformers import LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if type(model) is not LlamaForCausalLM:  # subclasses may change the forward
+        return False
+    cfg = model.config
+    rope = getattr(model.model.rotary_emb, "rope_type", None)
+    if (
+        getattr(cfg, "_attn_implementation", None) != "sdpa"
+        or cfg.hidden_act != "silu"
+        or getattr(cfg, "attention_bias", False)
+        or getattr(cfg, "mlp_bias", False)
+        or getattr(cfg, "pretraining_tp", 1) != 1
+        or rope not in _STATIC_ROPE
+        or len(model.model.layers) != cfg.num_hidden_layers
+    ):
+        return False
+    for module in model.modules():
+        if module._forward_hooks or module._forward_pre_hooks:  # FSDP, peft, accelerate offload...
+            return False
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.bias is not None:
+        return False
+    if type(model.model.embed_tokens) is not torch.nn.Embedding or type(model.model.norm) is not LlamaRMSNorm:
+        return False
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        )
+        if any(type(lin) is not torch.nn.Linear for lin in linears):  # LoRA, bitsandbytes layers
+            return False
+        if (
+            type(layer.input_layernorm) is not LlamaRMSNorm
+            or type(layer.post_attention_layernorm) is not LlamaRMSNorm
+        ):
+            return False
+    for param in model.parameters():
+        if type(param.data) is not torch.Tensor or not param.dtype.is_floating_point:  # DTensor, quantized
+            return False
+    return True
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    # transformers' LlamaRMSNorm.forward, op for op
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaDecoder:
+    """Prefills LEFT-padded prompt rows and then decodes one token per row and call.
+
+    ``LlamaDecoder(model, prompt_ids, prompt_mask, max_new_tokens).logits`` are the next-token
+    logits of every row; :meth:`step` feeds one token per row and returns the next logits. The
+    batch keeps its shape from start to end, as in the model's own decoding: matrix products on
+    CPU round differently for different numbers of rows, so a batch that dropped its finished rows
+    (or prefilled a prompt once for its samples) would no longer be bitwise the same.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+    ) -> None:
+        self.model = model
+        inner = model.model
+        self.layers = list(inner.layers)
+        self.head_dim = self.layers[0].self_attn.head_dim
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+        cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
+        rows, width = prompt_ids.shape
+        length = width + max_new_tokens
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values  # [rows, kv_heads, width, head_dim]
+            kb = k.new_empty(rows, k.shape[1], length, k.shape[3])
+            vb = v.new_empty(rows, v.shape[1], length, v.shape[3])
+            kb[:, :, :width] = k
+            vb[:, :, :width] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        self.logits = out.logits[:, -1]
+        # transformers passes no mask to sdpa when no row is padded, a boolean one otherwise
+        self.padded = not bool(prompt_mask.all())
+        full = torch.ones(rows, length, dtype=torch.bool, device=prompt_mask.device)
+        full[:, :width] = prompt_mask.bool()
+        self.mask = full[:, None, None, :]
+        self.positions = positions[:, -1:]  # [B, 1] position of the last token
+        self.length = width  # tokens in the cache
+        rope = inner.rotary_emb
+        self.inv_freq, self.rope_scaling = rope.inv_freq, rope.attention_scaling
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ``[B]``; the next-token logits ``[B, V]``."""
+        model, inner = self.model, self.model.model
+        t = self.length
+        self.length += 1
+        self.positions = self.positions + 1
+        batch = tokens.shape[0]
+        h = inner.embed_tokens(tokens[:, None])
+        # LlamaRotaryEmbedding.forward, op for op
+        freqs = self.positions[..., None].float() * self.inv_freq.to(device=h.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(dtype=h.dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(dtype=h.dtype).unsqueeze(1)
+        mask = self.mask[..., : t + 1] if self.padded else None
+        shape = (batch, 1, -1, self.head_dim)
+        for layer, kb, vb in zip(self.layers, self.keys, self.values):
+            attn, mlp = layer.self_attn, layer.mlp
+            residual = h
+            x = _rms_norm(h, layer.input_layernorm)
+            q = F.linear(x, attn.q_proj.weight).view(shape).transpose(1, 2)
+            k = F.linear(x, attn.k_proj.weight).view(shape).transpose(1, 2)
+            v = F.linear(x, attn.v_proj.weight).view(shape).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            kb[:, :, t : t + 1] = k
+            vb[:, :, t : t + 1] = v
+            a, _ = _sdpa(attn, q, kb[:, :, : t + 1], vb[:, :, : t + 1], mask, scaling=attn.scaling)
+            a = a.reshape(batch, 1, -1).contiguous()
+            h = residual + F.linear(a, attn.o_proj.weight)
+            residual = h
+            x = _rms_norm(h, layer.post_attention_layernorm)
+            h = residual + F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                                    mlp.down_proj.weight)  # fmt: skip
+        h = _rms_norm(h, inner.norm)
+        return F.linear(h, model.lm_head.weight)[:, -1]
+
+
+def _sdpa(module, q, k, v, mask, scaling):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=scaling)
