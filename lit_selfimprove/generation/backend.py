@@ -120,7 +120,10 @@ def attach_backend(
     """Make ``model`` sample through the backend ``config`` names (or an existing backend);
     ``backend: builtin`` (or ``None``) attaches the built-in sampler, which holds no state."""
     backend = config if isinstance(config, GenerationBackend) else make_backend(config)
+    previous = _BACKENDS.get(model)
     _BACKENDS[model] = backend
+    if previous is not None and previous is not backend and callable(getattr(previous, "close", None)):
+        previous.close()  # a replaced vLLM engine is shut down now, not whenever it is collected
     return backend
 
 

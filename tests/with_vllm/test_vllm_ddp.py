@@ -1,0 +1,83 @@
+"""The vLLM backend under data parallelism: one engine per rank, 2 gloo processes on CPU.
+
+Run as a script, this file is the worker: each rank samples greedily with its own engine and with
+the built-in sampler, takes a data-parallel optimizer step (gradients all-reduced over the trainer's
+process group), samples again, then shuts its engine down and all-reduces once more: vLLM joins the
+trainer's process group and must leave it working.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (see tests/with_vllm/test_vllm_backend.py)")
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from lit_selfimprove.generation import GenerationConfig, attach_backend, detach_backend, generate
+    from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm("builtin:tiny-student"), load_tokenizer("builtin:tiny-student")
+    prompts = [f"Q: {12 + 11 * rank}+{34 + rank}\nA: ", "Q: 250+250\nA: "]
+    report = {"rank": rank}
+
+    def sample(m) -> list[str]:
+        return generate(m, tok, prompts, num_samples=2, max_new_tokens=40, temperature=0.0).texts
+
+    engine = attach_backend(model, GenerationConfig(backend="vllm"))
+    report["vllm_before"] = sample(model)
+    report["builtin_before"] = sample(copy.deepcopy(model))  # copies sample with the built-in sampler
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = tok([f"Q: {rank}+1\nA: \\boxed{{{rank + 1}}}"], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    opt.step()
+    report["vllm_after"] = sample(model)  # the engine reloads the stepped weights by itself
+    report["builtin_after"] = sample(copy.deepcopy(model))
+    report["reloads"] = engine.syncs
+    detach_backend(model)  # engine shut down: the trainer's process group must survive it
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    report["all_reduce_after_close"] = total.item()
+    print("REPORT " + json.dumps(report), flush=True)
+    dist.destroy_process_group()
+
+
+def test_one_engine_per_rank_under_ddp(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, str(port)], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)  # fmt: skip
+    reports = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and len(reports) == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for r in sorted(reports, key=lambda r: r["rank"]):
+        assert r["vllm_before"] == r["builtin_before"], r
+        assert r["vllm_after"] == r["builtin_after"], r  # each rank's engine has the stepped weights
+        assert r["vllm_after"] != r["vllm_before"], r  # and the step changed what it writes
+        assert r["reloads"] == 2  # the initial load and one after the step
+        assert r["all_reduce_after_close"] == 3.0
+    assert reports[0]["vllm_before"][0] != reports[1]["vllm_before"][0]  # ranks sampled their own prompts
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, int(sys.argv[1])), nprocs=2)
