@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import weakref
 
 import torch
 
@@ -54,26 +55,33 @@ def _import_vllm():
 
 
 @contextlib.contextmanager
-def _keep_default_group(vllm):
-    """While active, vLLM's distributed teardown leaves torch's default process group alone."""
-    if vllm is None:
-        yield
-        return
+def _gentle_teardown(keep_default_group: bool, keep_parallel_groups: bool):
+    """While active, vLLM's distributed teardown (run by an engine's shutdown) leaves torch's default
+    process group alone (``keep_default_group``: it is the trainer's) and, with
+    ``keep_parallel_groups``, vLLM's own process-wide parallel groups too (other engines of this
+    process still use them)."""
     from vllm.distributed import parallel_state
 
-    original = parallel_state.destroy_distributed_environment
+    saved = (parallel_state.destroy_model_parallel, parallel_state.destroy_distributed_environment)
 
-    def keep_default_group():
+    def destroy_world_only():
         if parallel_state._WORLD:
             parallel_state._WORLD.destroy()
         parallel_state._WORLD = None
         parallel_state._NODE_COUNT = None
 
-    parallel_state.destroy_distributed_environment = keep_default_group
+    if keep_parallel_groups:
+        parallel_state.destroy_model_parallel = lambda *a, **k: None
+        parallel_state.destroy_distributed_environment = lambda *a, **k: None
+    elif keep_default_group:
+        parallel_state.destroy_distributed_environment = destroy_world_only
     try:
         yield
     finally:
-        parallel_state.destroy_distributed_environment = original
+        parallel_state.destroy_model_parallel, parallel_state.destroy_distributed_environment = saved
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # backends whose engine is running
 
 
 class VLLMBackend:
@@ -116,6 +124,7 @@ class VLLMBackend:
             # a process group that exists before the engine (DDP / FSDP2 training) is the trainer's:
             # vLLM joins it, and must not destroy it when the engine shuts down (close())
             self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+            _LIVE.add(self)
             self.llm = self.vllm.LLM(
                 model=self._folder,
                 load_format="dummy",
@@ -143,15 +152,16 @@ class VLLMBackend:
     def close(self) -> None:
         """Free the engine (and its temporary config folder).
 
-        vLLM's engine shutdown destroys torch's default process group; under DDP / FSDP2 that group
-        is the trainer's, so the shutdown runs here with that one step skipped. (vLLM keeps its
-        parallel groups in globals shared by the engines of a process: close an engine when the
-        process is done generating with all of them.)
+        vLLM's engine shutdown destroys torch's default process group (under DDP / FSDP2 the
+        trainer's) and vLLM's process-wide parallel groups (which the other engines of this process
+        still use): the shutdown runs here with the first skipped when the group predates the
+        engine, and the second skipped while another engine is alive.
         """
         client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         finalizer = getattr(client, "_finalizer", None)  # the engine's own shutdown, run once
+        _LIVE.discard(self)
         if finalizer is not None:
-            with _keep_default_group(self.vllm if getattr(self, "_trainer_group", False) else None):
+            with _gentle_teardown(getattr(self, "_trainer_group", False), keep_parallel_groups=bool(_LIVE)):
                 finalizer()
         self.llm = None
         if self._folder:

