@@ -136,3 +136,40 @@ def test_models_it_does_not_support_sample_through_their_forward(tok):
     model.register_forward_hook(lambda *a: calls.append(1))
     out = _sample(model, tok, True, ["Q: 1+2\nA: "], seed=0, num_samples=2, max_new_tokens=5)
     assert len(out) == 2 and len(calls) >= 2  # prefill + decode steps all went through forward
+
+
+def _lora_model(**lora):
+    """The GQA Llama under peft LoRA adapters with non-zero B (as after some training)."""
+    peft = pytest.importorskip("peft", reason="LoRA needs peft (the dev extra installs it)")
+    model = peft.get_peft_model(
+        _gqa_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora)
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_lora_models_decode_lean_and_bitwise(tok):
+    model = _lora_model()
+    assert supports(model)
+    prompts = [f"Q: {1234 + i * 97}+{56 + i * 13}\nA: " for i in range(4)]
+    kw = dict(num_samples=3, max_new_tokens=30, temperature=1.0)
+    a = _sample(model, tok, False, prompts, seed=5, **kw)
+    b = _sample(model, tok, True, prompts, seed=5, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(
+        a.completion_mask, b.completion_mask
+    )
+    base = _gqa_model()  # the adapters really take part: the bare model samples something else
+    assert not torch.equal(_sample(base, tok, True, prompts, seed=5, **kw).completion_ids, b.completion_ids)
+    with model.disable_adapter():  # (a reference computed with adapters off is not the decoder's business)
+        assert not supports(model)
+    merged = _lora_model()
+    merged.base_model.merge_adapter()
+    assert supports(merged)
+    c = _sample(merged, tok, False, prompts, seed=5, **kw)
+    d = _sample(merged, tok, True, prompts, seed=5, **kw)
+    assert torch.equal(c.completion_ids, d.completion_ids)
+    assert not supports(_lora_model(use_dora=True))  # DoRA: another forward, left to peft

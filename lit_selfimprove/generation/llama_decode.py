@@ -10,11 +10,12 @@ the same order, on the model's own weights:
 - the decoder layers are plain function calls, and the attention mask of a step is a slice of one
   mask built up front.
 
-Its logits are bitwise equal to the model's own forward (``tests/test_llama_decode.py`` checks it
-on every step, with and without padding, with grouped-query attention), so a seeded run samples the
-same tokens either way. :func:`supports` says when it applies: a plain ``LlamaForCausalLM`` with ``sdpa`` attention and
-unsharded, unquantized, un-wrapped (no LoRA / hooks) linear layers; everything else samples through
-the model's forward.
+LoRA models (peft) take the same path, their adapters applied as peft applies them. The decoder's
+logits are bitwise equal to the model's own forward (``tests/test_llama_decode.py`` checks it on
+every step, with and without padding, with grouped-query attention, with LoRA), so a seeded run
+samples the same tokens either way. :func:`supports` says when it applies: a ``LlamaForCausalLM``
+(bare or under peft) with ``sdpa`` attention, unsharded, unquantized linear layers (plain or
+vanilla LoRA) and no hooks; everything else samples through the model's forward.
 """
 
 from __future__ import annotations
@@ -27,6 +28,58 @@ __all__ = ["LlamaDecoder", "supports"]
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inverse frequencies that do not depend on the length
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft (LoRA) wrapper; ``model`` itself otherwise."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    return type(module) is torch.nn.Linear
+
+
+def _lora_linear(module: torch.nn.Module) -> bool:
+    """A peft LoRA ``Linear`` whose forward :func:`_linear` reproduces: vanilla LoRA (no DoRA or
+    other variant) over a plain linear layer, adapters enabled, one per call, no dropout at
+    sampling time (the sampler runs in eval mode)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return False
+    if type(module) is not LoraLinear or not _plain_linear(module.base_layer) or module.disable_adapters:
+        return False
+    if module.merged:
+        return True
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+            return False
+        a, b = module.lora_A[name], module.lora_B[name]
+        if not (_plain_linear(a) and _plain_linear(b)) or a.weight.dtype != module.base_layer.weight.dtype:
+            return False
+        if not isinstance(module.lora_dropout[name], (torch.nn.Identity, torch.nn.Dropout)):
+            return False
+    return True
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a plain linear layer or a LoRA one (peft's ``lora.Linear.forward``, op for
+    op, in eval mode)."""
+    if type(module) is torch.nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    base = module.base_layer
+    result = F.linear(x, base.weight, base.bias)
+    if module.merged:
+        return result
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b = module.lora_A[name], module.lora_B[name]
+        result = result + F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias) * module.scaling[name]
+    return result
+
+
 def supports(model: torch.nn.Module) -> bool:
     """Whether :class:`LlamaDecoder` reproduces ``model``'s forward exactly."""
     try:
@@ -34,7 +87,10 @@ def supports(model: torch.nn.Module) -> bool:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
+    wrapper, model = model, _unwrap(model)
     if type(model) is not LlamaForCausalLM:  # subclasses may change the forward
+        return False
+    if wrapper is not model and type(wrapper).__name__ not in ("PeftModel", "PeftModelForCausalLM"):
         return False
     cfg = model.config
     rope = getattr(model.model.rotary_emb, "rope_type", None)
@@ -48,8 +104,8 @@ def supports(model: torch.nn.Module) -> bool:
         or len(model.model.layers) != cfg.num_hidden_layers
     ):
         return False
-    for module in model.modules():
-        if module._forward_hooks or module._forward_pre_hooks:  # FSDP, peft, accelerate offload...
+    for module in wrapper.modules():
+        if module._forward_hooks or module._forward_pre_hooks:  # FSDP, accelerate offload...
             return False
     if type(model.lm_head) is not torch.nn.Linear or model.lm_head.bias is not None:
         return False
@@ -66,14 +122,14 @@ def supports(model: torch.nn.Module) -> bool:
             mlp.up_proj,
             mlp.down_proj,
         )
-        if any(type(lin) is not torch.nn.Linear for lin in linears):  # LoRA, bitsandbytes layers
+        if not all(_plain_linear(lin) or _lora_linear(lin) for lin in linears):  # bitsandbytes, DoRA...
             return False
         if (
             type(layer.input_layernorm) is not LlamaRMSNorm
             or type(layer.post_attention_layernorm) is not LlamaRMSNorm
         ):
             return False
-    for param in model.parameters():
+    for param in wrapper.parameters():
         if type(param.data) is not torch.Tensor or not param.dtype.is_floating_point:  # DTensor, quantized
             return False
     return True
@@ -106,7 +162,7 @@ class LlamaDecoder:
     def __init__(
         self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
     ) -> None:
-        self.model = model
+        self.model = model = _unwrap(model)  # (peft's LoRA layers sit inside the transformers model)
         inner = model.model
         self.layers = list(inner.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
@@ -154,20 +210,19 @@ class LlamaDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             residual = h
             x = _rms_norm(h, layer.input_layernorm)
-            q = F.linear(x, attn.q_proj.weight).view(shape).transpose(1, 2)
-            k = F.linear(x, attn.k_proj.weight).view(shape).transpose(1, 2)
-            v = F.linear(x, attn.v_proj.weight).view(shape).transpose(1, 2)
+            q = _linear(attn.q_proj, x).view(shape).transpose(1, 2)
+            k = _linear(attn.k_proj, x).view(shape).transpose(1, 2)
+            v = _linear(attn.v_proj, x).view(shape).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             kb[:, :, t : t + 1] = k
             vb[:, :, t : t + 1] = v
             a, _ = _sdpa(attn, q, kb[:, :, : t + 1], vb[:, :, : t + 1], mask, scaling=attn.scaling)
             a = a.reshape(batch, 1, -1).contiguous()
-            h = residual + F.linear(a, attn.o_proj.weight)
+            h = residual + _linear(attn.o_proj, a)
             residual = h
             x = _rms_norm(h, layer.post_attention_layernorm)
-            h = residual + F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
-                                    mlp.down_proj.weight)  # fmt: skip
+            h = residual + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
         h = _rms_norm(h, inner.norm)
         return F.linear(h, model.lm_head.weight)[:, -1]
 
