@@ -34,9 +34,12 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under their Hugging Face names, sharded tensors gathered (collective)."""
+    """The model's weights under their Hugging Face names, sharded tensors gathered (collective);
+    a peft (LoRA) model's with its adapters merged into the weights, as the engine serves them."""
+    from lit_selfimprove.modeling import is_peft, merged_state_dict
+
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (merged_state_dict(model) if is_peft(model) else model.state_dict()).items():
         full = getattr(tensor, "full_tensor", None)  # DTensor (FSDP2): all-gather on every rank
         state[name] = (full() if full is not None else tensor).detach()
     return state

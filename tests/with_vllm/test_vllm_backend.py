@@ -160,3 +160,25 @@ def test_closing_one_engine_leaves_the_others_working():
     assert again.texts == builtin(first, tok, PROMPTS, max_new_tokens=40, temperature=0.0).texts
     detach_backend(first)
     detach_backend(second)
+
+
+def test_lora_student_is_served_with_its_adapters_merged():
+    peft = pytest.importorskip("peft")
+    tok = load_tokenizer("builtin:tiny-student")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear")
+    model = peft.get_peft_model(load_causal_lm("builtin:tiny-student"), config)
+    backend = attach_backend(model, {"backend": "vllm"})
+    first = generate(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+    assert first.texts == builtin(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0).texts
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    target = tok([p + "\\boxed{7}" for p in PROMPTS], return_tensors="pt", padding=True)
+    for _ in range(3):  # train the adapters only: the engine must serve base + adapters
+        out = model(**target, labels=target["input_ids"].masked_fill(target["attention_mask"] == 0, -100))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = generate(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+    assert after.texts != first.texts
+    assert after.texts == builtin(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0).texts
+    assert backend.syncs == 2
+    detach_backend(model)
