@@ -19,6 +19,7 @@ TOOLS = {
     "failk": "lit_selfimprove.failk",
     "world": "lit_selfimprove.world",
     "sample-questions": "lit_selfimprove.sample_questions",
+    "lm-eval": "lit_selfimprove.evaluation.lm_eval",
 }
 
 
@@ -125,7 +126,8 @@ def resolve_last_checkpoint(loggers: list, checkpoint_dirs: list[str]) -> str:
 
 
 def main(args: list[str] | None = None) -> LightningCLI | None:
-    """Run LightningCLI; ``failk ...`` / ``world ...`` / ``sample-questions ...`` dispatch to the tools."""
+    """Run LightningCLI; ``failk ...`` / ``world ...`` / ``sample-questions ...`` / ``lm-eval ...``
+    dispatch to the tools."""
     # noise from Lightning's own internals (pytree API change), not actionable by users
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # ProblemStream gives each worker its own batches: its __len__ is exact

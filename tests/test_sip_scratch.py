@@ -1,0 +1,124 @@
+"""Self-Improving Pretraining from scratch: ``SuffixPolicyDPO(from_scratch=True)`` starts from random
+weights in the architecture of ``model``; the paper config (configs/paper/sip_dpo_scratch.yaml) has
+the paper's numbers and otherwise the continual config's judge and data; the tiny config
+(configs/tiny/sip_dpo_scratch.yaml) trains one rollout + the suffix for a few steps."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_selfimprove.cli import main
+from lit_selfimprove.evaluation import PAPER_TASKS
+from lit_selfimprove.judges import KBSafetyJudge
+from lit_selfimprove.modeling import load_causal_lm
+from lit_selfimprove.modules import SuffixPolicyDPO
+from lit_selfimprove.modules._shared import scratch_model
+from tests.conftest import REPO, needs_assets
+
+PAPER = REPO / "configs" / "paper"
+TINY = REPO / "configs" / "tiny" / "sip_dpo_scratch.yaml"
+
+
+def _printed(config: Path, capsys) -> dict:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_paper_scratch_config_has_the_papers_numbers(capsys):
+    scratch = _printed(PAPER / "sip_dpo_scratch.yaml", capsys)
+    continual = _printed(PAPER / "sip_dpo_continual.yaml", capsys)
+    trainer, model = scratch["trainer"], scratch["model"]["init_args"]
+    # METHODS.md section 2: from scratch, 21,000 steps, lr 5e-4, 2,000 warmup, 1 rollout
+    assert trainer["max_steps"] == 21000
+    assert (model["lr"], model["warmup_steps"], model["num_rollouts"]) == (5e-4, 2000, 1)
+    assert model["from_scratch"] is True and model["loss"] == "dpo" and model["include_suffix"]
+    # same judge, data, model architecture and hardware as the continual setting
+    assert model["judge"] == continual["model"]["init_args"]["judge"]
+    assert scratch["data"] == continual["data"]
+    assert model["model"] == continual["model"]["init_args"]["model"]
+    for key in ("devices", "num_nodes", "strategy", "precision"):
+        assert trainer[key] == continual["trainer"][key], key
+    # the paper's benchmarks, through the LMEval callback
+    lm_eval = [c for c in trainer["callbacks"] if c["class_path"].endswith("LMEval")]
+    assert len(lm_eval) == 1 and tuple(lm_eval[0]["init_args"]["tasks"]) == PAPER_TASKS
+
+
+def test_from_scratch_is_checked_at_construction():
+    judge = KBSafetyJudge()
+    for bad in ({"lora": {"r": 4}}, {"quantization": {"load_in_8bit": True}}, {"ref_quantization": "8bit"}):
+        with pytest.raises((ValueError, ImportError)):
+            SuffixPolicyDPO("builtin:tiny-sip-policy", judge=judge, from_scratch=True, **bad)
+
+
+@needs_assets("tiny-sip-policy", "tiny-facts")
+def test_scratch_model_is_random_seeded_and_leaves_the_global_rng():
+    pretrained = load_causal_lm("builtin:tiny-sip-policy")
+    torch.manual_seed(7)
+    a, ref = scratch_model("builtin:tiny-sip-policy", reference=True, seed=0)
+    after = torch.rand(2)
+    b, _ = scratch_model("builtin:tiny-sip-policy", seed=0)
+    c, _ = scratch_model("builtin:tiny-sip-policy", seed=1)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(2))  # the global RNG did not move
+    assert type(a) is type(pretrained) and a.config.hidden_size == pretrained.config.hidden_size
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    pre = dict(pretrained.named_parameters())
+    assert pa.keys() == pre.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)  # same seed, same weights
+    assert not torch.equal(pa["model.embed_tokens.weight"], pc["model.embed_tokens.weight"])
+    assert not torch.equal(pa["model.embed_tokens.weight"], pre["model.embed_tokens.weight"])
+    assert a.training and all(p.dtype == torch.float32 for p in a.parameters())
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
+@needs_assets("tiny-sip-policy", "tiny-facts")
+def test_tiny_scratch_config_trains_one_rollout_and_the_suffix(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the tiny config's paths are repo-relative
+    steps = 3
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(TINY),
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--model.init_args.log_samples_every=0",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.shuffle_buffer_size=16",
+        ]
+    )
+    module = cli.model
+    hp = module.hparams
+    assert hp.from_scratch and hp.num_rollouts == 1 and hp.include_suffix and hp.loss == "dpo"
+    assert module.sources == ["rollout", "suffix"]
+    assert cli.trainer.global_step == steps
+    # the DPO reference is the random initial policy: seed_everything(0) drew it
+    ref = module._frozen["ref"]
+    initial, _ = scratch_model("builtin:tiny-sip-policy", seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), initial.parameters()))
+    pretrained = load_causal_lm("builtin:tiny-sip-policy")
+    assert not torch.equal(ref.model.embed_tokens.weight, pretrained.model.embed_tokens.weight)
+    # the policy moved away from it
+    moved = [not torch.equal(p, q) for p, q in zip(module.policy.parameters(), ref.parameters())]
+    assert all(moved)
+    with open(Path(cli.trainer.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("select/pairs")]
+    assert len(rows) == steps
+    for r in rows:
+        assert float(r["select/pairs"]) + float(r["select/skipped"]) == 4  # prefixes per step
+        for key in ("judge/score_rollout", "judge/score_suffix"):
+            assert math.isfinite(float(r[key])), (key, r[key])
+    trained = [r for r in rows if r.get("train/loss")]  # a step whose prefixes all tie trains nothing
+    assert trained and sum(float(r["select/pairs"]) for r in rows) > 0
+    for r in trained:
+        for key in ("train/loss", "train/nll_chosen", "train/dpo_margin"):
+            assert math.isfinite(float(r[key])), (key, r[key])
