@@ -3,6 +3,7 @@ streams (SlimPajama, RedPajama, local files) and the tiny worlds."""
 
 from lit_selfimprove.datamodules.arithmetic import ArithmeticPretrainDataModule, ArithmeticProblemDataModule
 from lit_selfimprove.datamodules.facts_world import FactsPretrainDataModule
+from lit_selfimprove.datamodules.judge_examples import JudgeExamplesDataModule
 from lit_selfimprove.datamodules.prefix_suffix import (
     DEFAULT_SPLITS,
     PrefixSuffixDataModule,
@@ -18,6 +19,7 @@ from lit_selfimprove.datamodules.problems import (
     load_problems,
     split_problems,
 )
+from lit_selfimprove.datamodules.rewrite_examples import RewriterExamplesDataModule
 from lit_selfimprove.worlds.facts import (
     KnowledgeBase,
     continuation_stats,
@@ -29,6 +31,7 @@ from lit_selfimprove.worlds.facts import (
 __all__ = [
     "DEFAULT_SPLITS",
     "FactsPretrainDataModule",
+    "JudgeExamplesDataModule",
     "KnowledgeBase",
     "continuation_stats",
     "generate_documents",
@@ -42,6 +45,7 @@ __all__ = [
     "ArithmeticPretrainDataModule",
     "ArithmeticProblemDataModule",
     "ProblemDataModule",
+    "RewriterExamplesDataModule",
     "ProblemDataset",
     "collate_problems",
     "load_problems",
