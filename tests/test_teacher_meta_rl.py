@@ -224,7 +224,7 @@ def test_rejection_sampling_keeps_the_valid_rows(tiny_random_lm):
 
 # ------------------------------------------------------------------------- outer step
 def test_baseline_student_is_restored_between_inner_loops(tiny_random_lm, tmp_path):
-    module = make_module(tiny_random_lm)
+    module = make_module(tiny_random_lm, keep_median_students="all")  # every dataset's median
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     baseline = clone_state(module.student)

@@ -32,6 +32,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_selfimprove.callbacks.run_directory import run_id_of
+from lit_selfimprove.modeling import save_pretrained_merged
 from lit_selfimprove.rl.promotion import PromotionRule
 
 
@@ -169,7 +170,7 @@ class Promotion(Callback):
                 folder = out / "students" / f"promotion_{index}_step_{last.step}"
                 tmp = folder.with_name(folder.name + ".partial")
                 shutil.rmtree(tmp, ignore_errors=True)
-                pl_module.student.save_pretrained(tmp)
+                save_pretrained_merged(pl_module.student, tmp)  # LoRA: adapters merged, plain HF folder
                 tok = getattr(pl_module, "student_tokenizer", None)
                 if tok is not None:
                     tok.save_pretrained(tmp)

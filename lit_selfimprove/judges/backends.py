@@ -68,7 +68,9 @@ class HFChatBackend:
         batch_size: prompts per generation call (each expanded ``n`` times).
         seed: seed of the backend's own sampling generator.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``).
-        quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
+        quantization: load the frozen model in ``4bit`` (computing in ``dtype``) or ``8bit``
+            (LLM.int8()), or with ``BitsAndBytesConfig`` kwargs; bitsandbytes (``gpu`` extra), CPU or
+            GPU. The weights are quantized as they load, directly on ``device``.
         generation: sampling backend (``GenerationConfig`` or its dict, e.g. ``{backend: vllm}``);
             default: the built-in sampler.
     """
@@ -84,14 +86,15 @@ class HFChatBackend:
         batch_size: int = 8,
         seed: int = 0,
         attn_implementation: str | None = None,
-        quantization: dict | None = None,
+        quantization: str | dict | None = None,
         generation: dict | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        from lit_selfimprove.modeling import check_attn_implementation
+        from lit_selfimprove.modeling import check_attn_implementation, check_quantization
 
         check_attn_implementation(attn_implementation)  # now, not at the first (lazy) load
+        check_quantization(quantization)
         self.model_name = model
         self.tokenizer_name = tokenizer or model
         self.dtype = dtype
@@ -125,10 +128,11 @@ class HFChatBackend:
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             quantization=self.quantization,
+            device_map={"": str(device)} if self.quantization else None,  # quantized where it loads
         )
         model.eval()
         model.requires_grad_(False)
-        if not self.quantization:  # bitsandbytes models are placed by from_pretrained
+        if not self.quantization:
             model.to(device)
         self.model, self.tokenizer = model, tok
         if self.generation:

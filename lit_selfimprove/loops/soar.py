@@ -159,34 +159,38 @@ def grounded_rewards(
     """SOAR's reward: R_k = mean over ``repeats`` inner trainings on X_k of (accuracy - ``base_acc``).
 
     Training j = k * r + i (dataset k, repeat i) runs on rank j % world: ``student`` is reset to
-    ``snapshot``, ``train(data, j)`` trains it in place and ``accuracy()`` scores it. The per-repeat
+    ``snapshot`` (an :func:`~lit_selfimprove.modeling.adapter_state`: LoRA students restore their
+    adapters only), ``train(data, j)`` trains it in place and ``accuracy()`` scores it. The per-repeat
     deltas are all-reduced; ``keeper`` (a ``MedianStudents``) settles the median repeat of each dataset
     and, with ``keep_students``, is offered every trained student. ``student`` ends on ``snapshot``."""
+    from lit_selfimprove.modeling import load_adapter_state
+
     r = repeats
     world_size, rank = world()
     per_repeat: list[list[float]] = []
     inner: list[dict] = []
-    medians, owners = [], []
+    median_jobs, owners = [], []
     try:
         for k, data in enumerate(datasets):
             deltas = torch.zeros(r)
             for j in range(k * r, (k + 1) * r):
                 if j % world_size != rank:
                     continue
-                student.load_state_dict(snapshot)
+                load_adapter_state(student, snapshot)
                 stats = train(data, j)
                 acc = accuracy()
                 stats["accuracy_after"] = acc
                 inner.append(stats)
                 deltas[j - k * r] = acc - base_acc
                 if keep_students:
-                    keeper.offer(j, student)
+                    keeper.offer(j, student, float(deltas[j - k * r]))
             per_repeat.append(all_reduce_sum(deltas, device).tolist())
             j = keeper.settle(k, per_repeat[k])  # the median-reward repeat of dataset k
-            medians.append(keeper.states.get(j))
+            median_jobs.append(j)
             owners.append(j % world_size)
     finally:
-        student.load_state_dict(snapshot)  # the baseline again, whatever happened
+        load_adapter_state(student, snapshot)  # the baseline again, whatever happened
+    medians = [keeper.states.get(j) for j in median_jobs]  # what the keeper still holds
     inner = [s for part in gather_objects(inner) for s in part]
     inner_stats = {key: sum(s[key] for s in inner) / len(inner) for key in inner[0]}
     return {

@@ -12,15 +12,19 @@ from lightning import LightningModule
 
 from lit_selfimprove.distributed import seeded_generator
 from lit_selfimprove.generation import GenerationConfig
+from lit_selfimprove.loggers import log_table
 from lit_selfimprove.modeling import load_trained_model
 from lit_selfimprove.prompts import as_user_turn
 
 __all__ = [
     "ZeroRewardWatch",
+    "OPTIMIZERS",
     "adamw",
     "adamw_with_warmup",
     "as_user_turn",
     "check_at_least_one",
+    "check_from_scratch",
+    "check_optimizer",
     "cosine_schedule",
     "data_parallel_rank",
     "estimated_total_steps",
@@ -28,6 +32,7 @@ __all__ = [
     "linear_warmup",
     "on_device",
     "sampling_generator",
+    "scratch_model",
     "seeded_generator",
     "write_samples",
 ]
@@ -49,12 +54,14 @@ def generation_config(value: GenerationConfig | dict | None) -> GenerationConfig
 
 def load_policy(module: LightningModule, reference: bool) -> None:
     """Load ``module.policy`` from its hparams (``model``, ``dtype``, ``attn_implementation``,
-    ``quantization``, ``lora``), and a frozen copy as ``module._frozen["ref"]`` when ``reference``;
+    ``quantization``, ``lora``; ``from_scratch``: random weights in ``model``'s architecture, see
+    :func:`scratch_model`), and a frozen copy as ``module._frozen["ref"]`` when ``reference``;
     nothing when the policy is already loaded."""
     if module.policy is not None:
         return
     hp = module.hparams
-    module.policy, ref = load_trained_model(
+    load = scratch_model if hp.get("from_scratch") else load_trained_model  # random weights, model's config
+    module.policy, ref = load(
         hp.model,
         dtype=hp.dtype,
         attn_implementation=hp.attn_implementation,
@@ -62,9 +69,69 @@ def load_policy(module: LightningModule, reference: bool) -> None:
         lora=hp.lora,
         reference=reference,
         device_mesh=getattr(module, "device_mesh", None),
+        ref_quantization=hp.get("ref_quantization"),
+        ref_device=root_device(module),
     )
     if ref is not None:
         module._frozen["ref"] = ref
+
+
+def check_from_scratch(from_scratch: bool, quantization=None, lora=None, ref_quantization=None) -> None:
+    """Fail at start-up for what a policy with random weights cannot have: quantized weights, LoRA
+    adapters on a random base, or a reference loaded again from the (pretrained) checkpoint."""
+    if not from_scratch:
+        return
+    given = [
+        n
+        for n, v in (("quantization", quantization), ("lora", lora), ("ref_quantization", ref_quantization))
+        if v
+    ]
+    if given:
+        raise ValueError(f"from_scratch=True trains every weight from random: {given} cannot be used with it")
+
+
+def scratch_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "float32",
+    attn_implementation: str | None = None,
+    quantization=None,
+    lora=None,
+    reference: bool = False,
+    device_mesh=None,
+    ref_quantization=None,
+    ref_device=None,
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """:func:`~lit_selfimprove.modeling.load_trained_model` for the from-scratch setting: a new model
+    with random weights built from ``name_or_path``'s config (only the config is read), float32
+    master weights, its frozen copy as the reference when ``reference``, FSDP2-sharded with a
+    ``device_mesh``. The weights are drawn from ``seed`` (default: torch's initial seed, which
+    ``seed_everything`` makes the same on every rank) without touching the global RNG."""
+    check_from_scratch(True, quantization, lora, ref_quantization)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_selfimprove.assets import resolve_model
+    from lit_selfimprove.modeling import frozen_copy, is_half, parse_dtype, shard_model
+
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() if seed is None else seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    model.train()
+    ref = frozen_copy(model, dtype) if reference else None
+    if device_mesh is not None:  # ModelParallelStrategy: FSDP2, as load_trained_model does
+        shard_model(model, device_mesh, param_dtype=parse_dtype(dtype) if is_half(dtype) else None)
+        if ref is not None:
+            shard_model(ref, device_mesh)
+    return model, ref
+
+
+def root_device(module: LightningModule) -> torch.device:
+    """The device the module will run on: its trainer's root device (known in ``configure_model``,
+    before Lightning moves the module), else the module's own device."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer.strategy.root_device if trainer is not None else module.device
 
 
 def data_parallel_rank(module: LightningModule) -> int:
@@ -116,15 +183,53 @@ def estimated_total_steps(module: LightningModule, default: int = 10_000) -> int
     return int(total) if math.isfinite(total) else default
 
 
+# the ``optimizer`` choices of the modules: torch's AdamW, bitsandbytes' 8-bit AdamW (optimizer
+# states in 8 bits: ~2 bytes per parameter instead of 8) and its paged variant (CUDA unified memory)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+_BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
+
+
+def check_optimizer(name: str) -> None:
+    """Fail at construction for an optimizer that cannot run here: an unknown name (``ValueError``
+    naming the valid ones), bitsandbytes missing (``ImportError``), a paged optimizer without a CUDA
+    GPU (``ValueError``: bitsandbytes would silently fall back to a non-paged one)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "adamw":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"optimizer={name!r} needs bitsandbytes: pip install 'lit-selfimprove[gpu]' "
+            "(or use optimizer: adamw)"
+        )
+    if name.startswith("paged_") and not torch.cuda.is_available():
+        raise ValueError(
+            f"optimizer={name!r} pages its states through CUDA unified memory and needs a CUDA GPU; "
+            "use 'adamw8bit' on this machine"
+        )
+
+
 def adamw(
     params: Iterable[torch.nn.Parameter],
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
-) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients."""
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, betas=betas
+    optimizer: str = "adamw",
+) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require gradients: ``optimizer`` is one of :data:`OPTIMIZERS`
+    (``adamw``: ``torch.optim.AdamW``; ``adamw8bit`` / ``paged_adamw8bit``: bitsandbytes'
+    ``AdamW8bit`` / ``PagedAdamW8bit``, same hyper-parameters, 8-bit states; bitsandbytes keeps
+    32-bit states for tensors under 4,096 elements)."""
+    check_optimizer(optimizer)
+    params = [p for p in params if p.requires_grad]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    import bitsandbytes as bnb
+
+    return getattr(bnb.optim, _BNB_OPTIMIZERS[optimizer])(
+        params, lr=lr, weight_decay=weight_decay, betas=betas
     )
 
 
@@ -135,11 +240,12 @@ def adamw_with_warmup(
     warmup_steps: int = 0,
     schedule: Callable[[int], float] | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
+    optimizer: str = "adamw",
 ):
-    """Lightning's optimizer config, the one builder of the modules: :func:`adamw` with a per-step
-    LambdaLR ``schedule`` (default: :func:`linear_warmup` over ``warmup_steps``, then constant;
-    e.g. :func:`cosine_schedule` for a cosine decay)."""
-    opt = adamw(params, lr, weight_decay, betas)
+    """Lightning's optimizer config, the one builder of the modules: :func:`adamw` (``optimizer``:
+    one of :data:`OPTIMIZERS`) with a per-step LambdaLR ``schedule`` (default: :func:`linear_warmup`
+    over ``warmup_steps``, then constant; e.g. :func:`cosine_schedule` for a cosine decay)."""
+    opt = adamw(params, lr, weight_decay, betas, optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule or linear_warmup(warmup_steps))
     return [opt], [{"scheduler": sched, "interval": "step"}]
 
@@ -178,7 +284,9 @@ class ZeroRewardWatch:
 
 
 def write_samples(module: LightningModule, every: int, step: int, file: str, rows: Callable[[], list[dict]]):
-    """Append ``rows()`` as JSON lines to ``<log dir>/<file>`` on global rank 0, every ``every`` steps.
+    """Append ``rows()`` as JSON lines to ``<log dir>/<file>`` on global rank 0, every ``every`` steps,
+    and log them as the table ``<file stem>`` through every logger with a table API
+    (:func:`~lit_selfimprove.loggers.log_table`: WandB, Neptune, TensorBoard; CSV has none).
 
     The one "every N steps" rule of the modules' ``log_samples_every``: a training step writes when
     ``step``, the global step at its *start* (optimizer steps done before it), is a multiple of
@@ -198,4 +306,5 @@ def write_samples(module: LightningModule, every: int, step: int, file: str, row
     with open(path, "a") as f:
         for row in written:
             f.write(json.dumps(row) + "\n")
+    log_table(getattr(trainer, "loggers", ()), Path(file).stem, written, step)
     return written

@@ -25,11 +25,18 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_selfimprove.modeling import (
     check_attn_implementation,
+    check_lora,
     load_tokenizer,
     load_trained_model,
+    save_pretrained_merged,
     warn_if_half_trainable,
 )
-from lit_selfimprove.modules._shared import adamw_with_warmup, cosine_schedule, estimated_total_steps
+from lit_selfimprove.modules._shared import (
+    adamw_with_warmup,
+    check_optimizer,
+    cosine_schedule,
+    estimated_total_steps,
+)
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 
 __all__ = ["NextTokenLM", "cosine_schedule"]  # cosine_schedule: moved to modules._shared, still importable
@@ -47,12 +54,17 @@ class NextTokenLM(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps.
         min_lr_ratio: cosine floor as a fraction of ``lr``.
+        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: optimizer states in
+            8 bits; CPU or GPU) or ``paged_adamw8bit`` (CUDA only); see
+            :func:`~lit_selfimprove.modules._shared.adamw`.
         dtype: compute dtype (``float32`` on CPU; bf16 compute comes from the Trainer's
             ``precision: bf16-mixed``). The trained weights are always float32 master weights.
         attn_implementation: attention kernel of a model loaded from ``model`` (``None``:
             transformers' default, ``sdpa``; ``flash_attention_2`` needs flash-attn and a GPU).
         save_to: if set, the trained model and tokenizer are written there as a Hugging Face
-            folder when training ends.
+            folder when training ends (with ``lora``: the adapters merged, a plain folder).
+        lora: ``peft.LoraConfig`` kwargs (e.g. ``{r: 8, lora_alpha: 16, target_modules: all-linear}``)
+            for a model loaded from ``model``: only the adapters train.
     """
 
     def __init__(
@@ -64,12 +76,20 @@ class NextTokenLM(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        optimizer: str = "adamw",
         dtype: str = "float32",
         attn_implementation: str | None = None,
         save_to: str | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
+        check_optimizer(optimizer)
+        check_lora(lora)
+        if lora and model is None:
+            raise ValueError(
+                "lora needs a pretrained `model`: a model built from `model_config` trains every weight"
+            )
         if model is None and model_config is None:
             raise ValueError(
                 "NextTokenLM needs `model` (a hub id or folder) or `model_config` (from scratch)"
@@ -86,7 +106,10 @@ class NextTokenLM(LightningModule):
         hp = self.hparams
         if hp.model is not None:
             self.model, _ = load_trained_model(
-                hp.model, dtype=hp.dtype, attn_implementation=hp.get("attn_implementation")
+                hp.model,
+                dtype=hp.dtype,
+                attn_implementation=hp.get("attn_implementation"),
+                lora=hp.get("lora"),
             )
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
@@ -138,12 +161,19 @@ class NextTokenLM(LightningModule):
         hp = self.hparams
         schedule = cosine_schedule(hp.warmup_steps, estimated_total_steps(self), hp.min_lr_ratio)
         params = self.model.parameters()
-        return adamw_with_warmup(params, hp.lr, hp.weight_decay, schedule=schedule, betas=(0.9, 0.95))
+        return adamw_with_warmup(
+            params,
+            hp.lr,
+            hp.weight_decay,
+            schedule=schedule,
+            betas=(0.9, 0.95),
+            optimizer=hp.get("optimizer", "adamw"),
+        )
 
     def on_train_end(self) -> None:
         if self.hparams.save_to and self.trainer.is_global_zero:
             path = Path(self.hparams.save_to)
             path.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(path)
+            save_pretrained_merged(self.model, path)  # LoRA: adapters merged
             self.tokenizer.save_pretrained(path)
             rank_zero_info(f"NextTokenLM: saved the trained model to {path}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lit_selfimprove.modules._shared import check_at_least_one
+from lit_selfimprove.modules._shared import check_at_least_one, check_optimizer
 from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
@@ -21,7 +21,9 @@ ANSWER_CHECKS = ("auto", "math_verify", "light")
 class InnerConfig(RLVRConfig):
     """The inner trainings' settings (``inner:`` in YAML): the RL fields of
     :class:`~lit_selfimprove.rl.rlvr_step.RLVRConfig` plus ``steps`` (RLVR steps per inner training),
-    ``batch`` (questions of X_k per step), ``lr`` and ``weight_decay`` (a fresh AdamW each time).
+    ``batch`` (questions of X_k per step), ``lr`` and ``weight_decay`` (a fresh AdamW each time) and
+    ``optimizer`` (``adamw``, ``adamw8bit`` or ``paged_adamw8bit`` (CUDA only), see
+    :func:`~lit_selfimprove.modules._shared.adamw`: the fresh optimizer of each inner training).
 
     Defaults are SOAR's; ``kl_coef`` defaults to 0 here: the paper mentions a small KL for its student
     RLOO, but inner trainings are 10 steps from the baseline and thrown away, so a reference copy buys
@@ -33,9 +35,11 @@ class InnerConfig(RLVRConfig):
     batch: int = 8
     lr: float = 1e-5
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_optimizer(self.optimizer)
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"inner.{name} must be >= 1, got {getattr(self, name)}")
@@ -114,29 +118,85 @@ class OuterStep:
 
 
 class MedianStudents:
-    """Per dataset, the CPU copies of trained students that can still be its median.
+    """Per dataset, the CPU copies of trained students that a promotion can still need (a peft
+    student: its adapters only, see :func:`~lit_selfimprove.modeling.adapter_state`).
 
-    A dataset's copies are kept only until its r repeats are all measured (:meth:`settle`); then the
-    median's copy stays (on its owner rank) and the rest are dropped, so at most r + g copies are alive
-    on a rank at once instead of g * r. ``peak`` counts the most copies alive at once."""
+    ``keep="all"``: a dataset's copies are kept until its r repeats are all measured (:meth:`settle`),
+    then only the median's stays (on its owner rank): at most r + g copies on a rank at once.
+    ``keep="best"``: besides, only the median of the best dataset so far is kept (a promotion installs
+    the median student of k* = argmax_k R_k, the first of equals), and a student offered with its
+    reward delta is not copied, or its copy dropped, as soon as it cannot be its dataset's median
+    (its rank among the repeats measured here is already past the median's, counting the repeats not
+    measured here as unknown); the copies stay bounded whatever g * r. ``offload_dir``: the copies are
+    files there (``torch.save``; ``states`` maps jobs to their paths, deleted when dropped), no model
+    copy stays in memory. ``peak`` counts the most copies alive at once."""
 
-    def __init__(self, repeats: int, pick: int):
-        self.repeats, self.pick = repeats, pick
-        self.states: dict[int, dict] = {}
+    def __init__(self, repeats: int, pick: int, keep: str = "all", offload_dir: str | None = None):
+        if keep not in ("all", "best"):
+            raise ValueError(f"keep must be 'all' or 'best', got {keep!r}")
+        self.repeats, self.pick, self.keep, self.offload_dir = repeats, pick, keep, offload_dir
+        self.states: dict[int, Any] = {}
+        self.deltas: dict[int, float] = {}  # the deltas measured on this rank, by job
+        self.best: tuple[float, int] | None = None  # (R_k, median job) of the best dataset so far
         self.peak = 0
 
-    def offer(self, job: int, model: torch.nn.Module) -> None:
-        self.states[job] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    def _can_be_median(self, job: int) -> bool:
+        """Whether ``job`` (measured) can still be its dataset's median: its position in the stable
+        sort of the r deltas is known up to the repeats not measured here."""
+        r = self.repeats
+        first = job // r * r
+        mine = self.deltas[job]
+        measured = [j for j in range(first, first + r) if j in self.deltas]
+        below = sum(1 for j in measured if self.deltas[j] < mine or (self.deltas[j] == mine and j < job))
+        return below <= self.pick <= below + (r - len(measured))
+
+    def offer(self, job: int, model: torch.nn.Module, delta: float | None = None) -> None:
+        """A trained student (``delta``: its accuracy change, which lets ``keep="best"`` drop what
+        cannot be the median early; ``None``: kept until :meth:`settle`)."""
+        from lit_selfimprove.modeling import adapter_state
+
+        if delta is not None and self.keep == "best":
+            self.deltas[job] = delta
+            first = job // self.repeats * self.repeats
+            for j in [j for j in self.states if first <= j < first + self.repeats]:
+                if not self._can_be_median(j):
+                    self.drop(j)
+            if not self._can_be_median(job):
+                return
+        state = adapter_state(model, "cpu")
+        if self.offload_dir is not None:
+            path = f"{self.offload_dir}/student_{job}.pt"
+            torch.save(state, path)
+            state = path
+        self.states[job] = state
         self.peak = max(self.peak, len(self.states))
+
+    def drop(self, job: int) -> None:
+        """Forget job's copy (its file too)."""
+        state = self.states.pop(job, None)
+        if isinstance(state, str):
+            import os
+
+            os.remove(state)
 
     def settle(self, dataset: int, deltas: list[float]) -> int:
         """Keep dataset ``dataset``'s median-reward copy (if this rank has it), drop its others;
-        returns the median's job index."""
+        returns the median's job index. ``keep="best"``: the median's copy stays only while its
+        dataset's R (the mean of ``deltas``) is the best so far."""
         r = self.repeats
         median = dataset * r + sorted(range(r), key=deltas.__getitem__)[self.pick]
         for j in range(dataset * r, (dataset + 1) * r):
+            self.deltas.pop(j, None)
             if j != median:
-                self.states.pop(j, None)
+                self.drop(j)
+        if self.keep == "best":
+            reward = sum(deltas) / len(deltas)  # as grounded_rewards computes R_k
+            if self.best is None or reward > self.best[0]:
+                if self.best is not None:
+                    self.drop(self.best[1])
+                self.best = (reward, median)
+            else:
+                self.drop(median)
         return median
 
 

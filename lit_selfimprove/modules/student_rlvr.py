@@ -26,11 +26,18 @@ from lightning import LightningModule
 from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
-from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
+from lit_selfimprove.modeling import (
+    check_attn_implementation,
+    check_lora,
+    check_quantization,
+    load_tokenizer,
+    warn_if_half_trainable,
+)
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw_with_warmup,
     check_at_least_one,
+    check_optimizer,
     generation_config,
     load_policy,
     on_device,
@@ -75,6 +82,9 @@ class StudentRLVR(LightningModule):
         lr: AdamW learning rate (SOAR: 1e-5).
         weight_decay: AdamW weight decay.
         warmup_steps: linear lr warmup (optimizer steps).
+        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: optimizer states in
+            8 bits; CPU or GPU) or ``paged_adamw8bit`` (CUDA only); see
+            :func:`~lit_selfimprove.modules._shared.adamw`.
         val_num_samples: samples per validation problem for pass@k (0: greedy only).
         val_ks: the k of pass@k (k > val_num_samples are skipped).
         val_temperature: sampling temperature for pass@k.
@@ -87,7 +97,12 @@ class StudentRLVR(LightningModule):
             frozen KL reference. The trained policy always keeps float32 master weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
-        lora: ``peft.LoraConfig`` kwargs.
+        ref_quantization: load the frozen KL reference in ``4bit`` or ``8bit`` (or
+            ``BitsAndBytesConfig`` kwargs) from ``model`` again instead of copying the policy
+            (``None``: an unquantized copy in ``dtype``); bitsandbytes, CPU or GPU.
+        lora: ``peft.LoraConfig`` kwargs (e.g. ``{r: 8, lora_alpha: 16, target_modules: all-linear}``):
+            only the adapters train, and the KL reference is the policy with its adapters disabled
+            (no second copy; not with ``ref_quantization``).
         log_samples_every: write sample completions to ``samples.jsonl`` at the first training step
             and every N-th after, counted in optimizer steps before the step (0: never; see
             :func:`~lit_selfimprove.modules._shared.write_samples`).
@@ -107,6 +122,7 @@ class StudentRLVR(LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        optimizer: str = "adamw",
         val_num_samples: int = 32,
         val_ks: Sequence[int] = (1, 4, 8, 16, 32),
         val_temperature: float = 1.0,
@@ -115,6 +131,7 @@ class StudentRLVR(LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         quantization: dict | None = None,
+        ref_quantization: str | dict | None = None,
         lora: dict | None = None,
         log_samples_every: int = 50,
         num_log_samples: int = 4,
@@ -122,6 +139,9 @@ class StudentRLVR(LightningModule):
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
+        check_optimizer(optimizer)
+        check_quantization(ref_quantization)
+        check_lora(lora, ref_quantization)
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
         self.rl = (
@@ -165,7 +185,13 @@ class StudentRLVR(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return adamw_with_warmup(self.policy.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps)
+        return adamw_with_warmup(
+            self.policy.parameters(),
+            hp.lr,
+            hp.weight_decay,
+            hp.warmup_steps,
+            optimizer=hp.get("optimizer", "adamw"),
+        )
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> None:
@@ -196,10 +222,7 @@ class StudentRLVR(LightningModule):
         self.log("train/lr", sched.get_last_lr()[0], batch_size=len(questions))
         self.log("reward", stats["reward"], prog_bar=True, logger=False, batch_size=len(questions))
         rows = functools.partial(self._sample_rows, questions, answers, rollouts.texts, rewards)
-        written = write_samples(self, self.hparams.log_samples_every, step, "samples.jsonl", rows)
-        log_table = getattr(self.logger, "log_table", None)
-        if written and callable(log_table):
-            log_table(key="samples", columns=list(written[0]), data=[list(r.values()) for r in written])
+        write_samples(self, self.hparams.log_samples_every, step, "samples.jsonl", rows)  # + logger tables
 
     # ------------------------------------------------------------------------ validation
     def _eval_problems(self, batch) -> dict[str, float]:

@@ -49,10 +49,18 @@ from lit_selfimprove.loops.sip import (
     loss_stats,
     tokenize_after,
 )
-from lit_selfimprove.modeling import check_attn_implementation, load_tokenizer, warn_if_half_trainable
+from lit_selfimprove.modeling import (
+    check_attn_implementation,
+    check_lora,
+    check_quantization,
+    load_tokenizer,
+    warn_if_half_trainable,
+)
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
     check_at_least_one,
+    check_from_scratch,
+    check_optimizer,
     cosine_schedule,
     data_parallel_rank,
     estimated_total_steps,
@@ -96,6 +104,9 @@ class SuffixPolicyDPO(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup, then cosine decay over ``trainer.max_steps``.
         min_lr_ratio: cosine floor as a fraction of ``lr`` (paper: 0.1).
+        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: optimizer states in
+            8 bits; CPU or GPU) or ``paged_adamw8bit`` (CUDA only); see
+            :func:`~lit_selfimprove.modules._shared.adamw`.
         grad_clip: gradient-norm clipping (``None`` disables).
         micro_batch_size: prefixes (pairs) per forward/backward; ``None``: the whole batch.
         val_temperature: sampling temperature of the validation continuation.
@@ -108,7 +119,11 @@ class SuffixPolicyDPO(LightningModule):
             keeps float32 master weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
         quantization: ``BitsAndBytesConfig`` kwargs (``gpu`` extra).
-        lora: ``peft.LoraConfig`` kwargs.
+        ref_quantization: load the frozen DPO reference in ``4bit`` or ``8bit`` (or
+            ``BitsAndBytesConfig`` kwargs) from ``model`` again instead of copying the policy
+            (``None``: an unquantized copy in ``dtype``); bitsandbytes, CPU or GPU.
+        lora: ``peft.LoraConfig`` kwargs: only the adapters train, and the DPO reference is the policy
+            with its adapters disabled (no second copy; not with ``ref_quantization``).
         seed: seed of sampling and tie-breaking (default: the global seed, ``seed_everything``).
             Generators are re-seeded from (seed, data-parallel rank, step) every step, so a
             resumed run draws what an uninterrupted one would, and ranks draw differently.
@@ -125,6 +140,10 @@ class SuffixPolicyDPO(LightningModule):
             class, the shares, its last unparseable reply and the expected format when it exposes
             them); this many bad steps in a row stop the run with a ``RuntimeError`` saying the
             same (``None``: only warn). A healthy run never comes near the defaults.
+        from_scratch: the paper's from-scratch setting: the policy gets random weights in the
+            architecture of ``model`` (only its config is read; drawn from the global seed) and
+            the DPO reference is that random initial policy. Not with ``quantization``, ``lora``
+            or ``ref_quantization``.
     """
 
     def __init__(
@@ -145,6 +164,7 @@ class SuffixPolicyDPO(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        optimizer: str = "adamw",
         grad_clip: float | None = 1.0,
         micro_batch_size: int | None = None,
         val_temperature: float = 1.0,
@@ -153,6 +173,7 @@ class SuffixPolicyDPO(LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         quantization: dict | None = None,
+        ref_quantization: str | dict | None = None,
         lora: dict | None = None,
         seed: int | None = None,
         log_samples_every: int = 50,
@@ -160,9 +181,14 @@ class SuffixPolicyDPO(LightningModule):
         max_unparseable_frac: float = 0.9,
         max_skipped_frac: float = 0.9,
         fail_after_steps: int | None = 20,
+        from_scratch: bool = False,
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
+        check_optimizer(optimizer)
+        check_quantization(ref_quantization)
+        check_from_scratch(from_scratch, quantization, lora, ref_quantization)
+        check_lora(lora, ref_quantization)
         check_at_least_one(max_new_tokens=max_new_tokens, val_max_new_tokens=val_max_new_tokens)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -226,7 +252,13 @@ class SuffixPolicyDPO(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         schedule = cosine_schedule(hp.warmup_steps, estimated_total_steps(self), hp.min_lr_ratio)
-        return adamw_with_warmup(self.policy.parameters(), hp.lr, hp.weight_decay, schedule=schedule)
+        return adamw_with_warmup(
+            self.policy.parameters(),
+            hp.lr,
+            hp.weight_decay,
+            schedule=schedule,
+            optimizer=hp.get("optimizer", "adamw"),
+        )
 
     def _generator(self, stream: str, step: int, device: torch.device | str) -> torch.Generator:
         """A generator for ``stream`` at ``step`` of this data-parallel rank.

@@ -54,18 +54,29 @@ from lit_selfimprove.loops.policy_update import policy_gradient_update
 from lit_selfimprove.loops.teacher import math_verify_parseable
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import (
+    AdapterDisabledReference,
+    adapter_state,
     check_attn_implementation,
+    check_lora,
+    check_quantization,
     frozen_copy,
+    is_peft,
+    load_adapter_state,
     load_tokenizer,
     load_trained_model,
+    merge_adapters_into_base,
+    quantized_copy,
+    save_pretrained_merged,
     warn_if_half_trainable,
 )
 from lit_selfimprove.modules._shared import (
     ZeroRewardWatch,
     adamw,
     adamw_with_warmup,
+    check_optimizer,
     generation_config,
     on_device,
+    root_device,
     sampling_generator,
     write_samples,
 )
@@ -112,8 +123,9 @@ class TeacherMetaRL(LightningModule):
         max_answer_chars: longer boxed answers are invalid.
         inner: the inner trainings' settings group (``inner:`` in YAML,
             :class:`~lit_selfimprove.modules.soar_outer.InnerConfig`): ``steps``, ``batch`` (questions
-            of X_k per step, cycling through a fresh shuffle of X_k), ``lr``, ``weight_decay`` (a fresh
-            AdamW every time) and the RL fields of ``RLVRConfig`` (``group_size``, ``max_new_tokens``,
+            of X_k per step, cycling through a fresh shuffle of X_k), ``lr``, ``weight_decay``,
+            ``optimizer`` (a fresh one every time: ``adamw``, ``adamw8bit``, ``paged_adamw8bit``) and
+            the RL fields of ``RLVRConfig`` (``group_size``, ``max_new_tokens``,
             ``temperature`` (also the intrinsic reward's), ``advantage``, ``kl_coef`` (to the baseline
             student, default 0), ``max_grad_norm``, ``micro_batch_size``, ...).
         eval_max_new_tokens: greedy budget for accuracy on Q_R and validation (default
@@ -123,13 +135,21 @@ class TeacherMetaRL(LightningModule):
         lr: teacher AdamW learning rate.
         weight_decay: teacher AdamW weight decay.
         warmup_steps: linear warmup of the teacher lr (outer steps).
+        optimizer: the teacher's optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit
+            AdamW: optimizer states in 8 bits; CPU or GPU) or ``paged_adamw8bit`` (CUDA only); see
+            :func:`~lit_selfimprove.modules._shared.adamw` (the inner students' is ``inner.optimizer``).
         kl_coef: coefficient of the KL to the frozen initial teacher (0: no copy is kept).
         kl_estimator: ``k3`` | ``k1`` | ``k2``.
         max_grad_norm: teacher gradient clipping (``None`` disables).
         teacher_micro_batch_size: teacher rollouts per forward/backward (``None``: all).
-        keep_median_students: keep each dataset's median-reward trained student (CPU state dict)
-            in ``last_outer`` (needed by promotion; a dataset's copies live until its r repeats are
-            measured, then only the median's stays: at most r + g copies per rank, g at the end).
+        keep_median_students: keep what a promotion can need (CPU state dicts; LoRA students: their
+            adapters only): ``true`` keeps one copy, the median-reward student of the best dataset so
+            far (the only one a promotion can install), and drops a trained student's copy as soon as
+            it cannot be its dataset's median, so the copies do not grow with g * r (the other
+            entries of ``last_outer.median_students`` are ``None``); ``"all"`` keeps every dataset's
+            median (at most r + g copies per rank); ``"disk"`` keeps what ``true`` keeps as files in a
+            temporary folder (no copy in memory; ``last_outer.median_students`` holds their paths,
+            valid until the next outer step); ``false`` none (no promotion possible).
         promote: run SOAR's promotion (Algorithm 1, step 5) at the end of every outer step (grounded
             reward only: intrinsic rewards train no students). The rule
             (:class:`~lit_selfimprove.rl.promotion.PromotionRule`) and its state live in the module
@@ -148,6 +168,23 @@ class TeacherMetaRL(LightningModule):
             the frozen references. Teacher and students always keep float32 master weights: an
             AdamW step of 1e-5 mostly rounds away on bfloat16 weights.
         attn_implementation: e.g. ``sdpa`` or ``flash_attention_2``.
+        ref_quantization: load the frozen references in ``4bit`` or ``8bit`` (or
+            ``BitsAndBytesConfig`` kwargs; bitsandbytes, CPU or GPU): the initial teacher (KL, loaded
+            from ``teacher`` again) and the inner trainings' baseline student (``inner.kl_coef > 0``:
+            the baseline written to a temporary folder and loaded back quantized, again after each
+            promotion). ``None``: unquantized copies in ``dtype``.
+        lora: ``peft.LoraConfig`` kwargs (e.g. ``{r: 8, lora_alpha: 16, target_modules: all-linear}``)
+            for the teacher: only its adapters train, and its KL reference is the teacher with its
+            adapters disabled (no second copy; not with ``ref_quantization``).
+        student_lora: ``peft.LoraConfig`` kwargs for the student: the inner trainings train, snapshot
+            and restore only its adapters (a fresh optimizer over them each time), the kept median
+            students are adapters, and the inner KL reference (``inner.kl_coef > 0``) is the student
+            with its adapters disabled.
+        merge_promoted_adapter: with ``student_lora``, a promotion folds the promoted adapters into
+            the baseline's base weights and zeroes them (the next inner trainings start new adapters
+            from the promoted student); ``false`` keeps the promoted adapters as the baseline's
+            (the base stays the initial student). The ``Promotion`` callback writes the promoted
+            student merged, as a plain Hugging Face folder, either way.
         log_samples_every: append the step's datasets and rewards to ``teacher_samples.jsonl`` in
             the log dir at the first outer step and every N-th after (0: never; see
             :func:`~lit_selfimprove.modules._shared.write_samples`).
@@ -188,11 +225,12 @@ class TeacherMetaRL(LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
+        optimizer: str = "adamw",
         kl_coef: float = 0.001,
         kl_estimator: Literal["k3", "k1", "k2"] = "k3",
         max_grad_norm: float | None = 1.0,
         teacher_micro_batch_size: int | None = None,
-        keep_median_students: bool = True,
+        keep_median_students: bool | Literal["all", "disk"] = True,
         median: Literal["lower", "upper"] = "lower",
         promote: bool = True,
         promotion_tau: float = 0.01,
@@ -202,6 +240,10 @@ class TeacherMetaRL(LightningModule):
         generation: GenerationConfig | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
+        ref_quantization: str | dict | None = None,
+        lora: dict | None = None,
+        student_lora: dict | None = None,
+        merge_promoted_adapter: bool = True,
         log_samples_every: int = 10,
         save_teacher: bool = True,
         diversity_embedding: Callable | None = None,
@@ -209,8 +251,22 @@ class TeacherMetaRL(LightningModule):
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
+        check_optimizer(optimizer)
+        check_quantization(ref_quantization)
         # a dict: from hparams.yaml
         inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
+        check_lora(lora, ref_quantization if kl_coef > 0 else None, "lora")
+        check_lora(student_lora, ref_quantization if inner.kl_coef > 0 else None, "student_lora")
+        if student_lora and inner.kl_coef > 0 and not merge_promoted_adapter:
+            raise ValueError(
+                "inner.kl_coef > 0 with student_lora needs merge_promoted_adapter=True: the inner KL "
+                "reference is the student with its adapters disabled, the baseline only when promoted "
+                "adapters are merged into the base"
+            )
+        if keep_median_students not in (True, False, "all", "disk"):
+            raise ValueError(
+                f"keep_median_students must be true, false, 'all' or 'disk', got {keep_median_students!r}"
+            )
         self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
         check_soar_hparams(self.hparams, inner)
@@ -246,9 +302,15 @@ class TeacherMetaRL(LightningModule):
         kwargs = {"dtype": hp.dtype, "attn_implementation": hp.attn_implementation}
         # FSDP2 (ModelParallelStrategy) shards the teacher and its reference; students stay whole
         self.teacher, ref = load_trained_model(
-            hp.teacher, reference=hp.kl_coef > 0, device_mesh=getattr(self, "device_mesh", None), **kwargs
+            hp.teacher,
+            reference=hp.kl_coef > 0,
+            lora=hp.get("lora"),  # with LoRA the KL reference is the teacher with its adapters disabled
+            device_mesh=getattr(self, "device_mesh", None),
+            ref_quantization=hp.get("ref_quantization"),
+            ref_device=root_device(self),
+            **kwargs,
         )
-        self.student, _ = load_trained_model(hp.student, **kwargs)
+        self.student, _ = load_trained_model(hp.student, lora=hp.get("student_lora"), **kwargs)
         if ref is not None:
             self._frozen["ref"] = ref
         # the teacher and the working student each get their own engine (vLLM): the student's is
@@ -292,6 +354,8 @@ class TeacherMetaRL(LightningModule):
         Collective under torch.distributed: the rank that trained it broadcasts it."""
         last = self.last_outer
         state, owner = last.median_students[k], last.median_owner[k]
+        if isinstance(state, str):  # keep_median_students="disk": a file
+            state = torch.load(state, map_location="cpu", weights_only=True)
         world_size, rank = world()
         if world_size == 1:
             return state
@@ -299,7 +363,13 @@ class TeacherMetaRL(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return adamw_with_warmup(self.teacher.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps)
+        return adamw_with_warmup(
+            self.teacher.parameters(),
+            hp.lr,
+            hp.weight_decay,
+            hp.warmup_steps,
+            optimizer=hp.get("optimizer", "adamw"),
+        )
 
     # ---------------------------------------------------------------------------- prompts
     def teacher_prompt_text(self) -> str:
@@ -388,7 +458,7 @@ class TeacherMetaRL(LightningModule):
             cfg,
             cfg.steps,
             cfg.batch,
-            adamw(self.student.parameters(), cfg.lr, cfg.weight_decay),
+            adamw(self.student.parameters(), cfg.lr, cfg.weight_decay, optimizer=cfg.optimizer),
             ref_model,
             generator or self.sampling_generator(),
         )
@@ -396,16 +466,28 @@ class TeacherMetaRL(LightningModule):
     def grounded_rewards(self, datasets, questions: list[str], answers: list[str], base_acc: float) -> dict:
         """SOAR's reward: R_k = mean over r inner trainings on X_k of (accuracy on Q_R - baseline)."""
         hp = self.hparams
-        snapshot = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        snapshot = adapter_state(self.student)  # with LoRA: the adapters only
         ref = None
-        if self.inner_rl.kl_coef > 0:  # the baseline student as the inner KL reference
+        if self.inner_rl.kl_coef > 0 and is_peft(self.student):  # the baseline: merged, adapters off
+            ref = self._frozen.setdefault("student_ref", AdapterDisabledReference(self.student))
+        elif self.inner_rl.kl_coef > 0 and hp.get("ref_quantization"):
+            ref = self._quantized_student_ref(snapshot)
+        elif self.inner_rl.kl_coef > 0:  # the baseline student as the inner KL reference
             if "student_ref" not in self._frozen:
                 self._frozen["student_ref"] = frozen_copy(self.student, hp.dtype)
             ref = self._frozen_model("student_ref")
             ref.load_state_dict(snapshot)
         r = hp.num_repeats
         pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
-        self.median_keeper = MedianStudents(r, pick)
+        keep = "all" if hp.keep_median_students == "all" else "best"
+        offload = None
+        if hp.keep_median_students == "disk":  # one folder per outer step: the last one's is removed
+            import shutil
+            import tempfile
+
+            shutil.rmtree(getattr(self, "_median_dir", None) or "", ignore_errors=True)
+            offload = self._median_dir = tempfile.mkdtemp(prefix="lit-selfimprove-students-")
+        self.median_keeper = MedianStudents(r, pick, keep, offload)
         return soar_loops.grounded_rewards(
             self.student,
             snapshot,
@@ -420,6 +502,22 @@ class TeacherMetaRL(LightningModule):
             hp.keep_median_students,
             self.device,
         )
+
+    def _quantized_student_ref(self, snapshot: dict) -> torch.nn.Module:
+        """The baseline student quantized (``ref_quantization``) as the inner KL reference.
+
+        bitsandbytes quantizes weights as they load, so the baseline goes through a temporary folder
+        (:func:`~lit_selfimprove.modeling.quantized_copy`); that is redone only when the baseline
+        changed: after a promotion, or a checkpoint load."""
+        key = len(self.promotions)
+        if "student_ref" not in self._frozen or getattr(self, "_student_ref_key", None) != key:
+            self._frozen.pop("student_ref", None)
+            hp = self.hparams
+            self._frozen["student_ref"] = quantized_copy(
+                self.student, hp.ref_quantization, hp.dtype, self.device, state_dict=snapshot
+            )
+            self._student_ref_key = key
+        return self._frozen_model("student_ref")
 
     def intrinsic_rewards(self, datasets) -> dict:
         """Intrinsic-T: per question of X_k, success rate s of ``intrinsic_samples`` baseline-student
@@ -530,7 +628,9 @@ class TeacherMetaRL(LightningModule):
                     "Promotion needs the trained students: use teacher_reward='grounded' and "
                     "keep_median_students=True (or promote=False)"
                 )
-            self.student.load_state_dict(state)  # in place: the new baseline
+            load_adapter_state(self.student, state)  # in place: the new baseline (LoRA: its adapters)
+            if is_peft(self.student) and self.hparams.get("merge_promoted_adapter", True):
+                merge_adapters_into_base(self.student)  # base := promoted student; adapters start at 0
             outer.promoted, outer.promotion_index = True, len(self.promotions)
             self.promotions.append(
                 {
@@ -554,6 +654,7 @@ class TeacherMetaRL(LightningModule):
         checkpoint["promotion"] = {**self.promotion_rule.state_dict(), "promotions": self.promotions}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._student_ref_key = None  # a quantized inner reference: rebuilt from the loaded baseline
         state = checkpoint.get("promotion")
         if state is not None:
             self.promotion_rule.load_state_dict(state)
@@ -581,6 +682,11 @@ class TeacherMetaRL(LightningModule):
         )
 
     def on_train_end(self) -> None:
+        if getattr(self, "_median_dir", None):  # keep_median_students="disk": the last step's files
+            import shutil
+
+            shutil.rmtree(self._median_dir, ignore_errors=True)
+            self._median_dir = None
         if not self.hparams.save_teacher or self.trainer is None:
             return
         log_dir = self.trainer.log_dir  # a collective: every rank asks
@@ -594,7 +700,7 @@ class TeacherMetaRL(LightningModule):
         else:
             state = None
         if self.trainer.is_global_zero:
-            self.teacher.save_pretrained(folder, state_dict=state)
+            save_pretrained_merged(self.teacher, folder, state_dict=state)  # LoRA: merged, plain HF
             self.teacher_tokenizer.save_pretrained(folder)
             rank_zero_info(f"TeacherMetaRL: final teacher written to {folder}")
 

@@ -112,6 +112,8 @@ def sequence_logprobs(
 def _accepts_logits_to_keep(model) -> bool:
     import inspect
 
+    if hasattr(model, "get_base_model"):  # peft (LoRA) passes extra kwargs on to its base model
+        model = model.get_base_model()
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

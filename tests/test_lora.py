@@ -1,0 +1,328 @@
+"""LoRA (peft) through the modules' own code paths: only the adapters train (the base weights do not
+move), the KL / DPO reference is the same model with its adapters disabled (no second copy), SOAR's
+inner trainings snapshot and restore the adapters only, and a promotion writes the promoted student
+as a plain Hugging Face folder. Also the bounded copies of SOAR's median students."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_selfimprove.callbacks import Promotion
+from lit_selfimprove.modeling import (
+    AdapterDisabledReference,
+    adapter_state,
+    is_peft,
+    load_causal_lm,
+    merged_state_dict,
+)
+from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
+from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents
+from lit_selfimprove.rl.logprobs import sequence_logprobs
+from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from tests.test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, fit, make_module
+
+pytest.importorskip("peft", reason="LoRA needs peft: pip install 'lit-selfimprove[gpu]'")
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+PROMPT = "Q: {question}\nA: "
+
+
+class HashReward:
+    """Deterministic, different for different completions: a learning signal in every group."""
+
+    def __call__(self, completions, answers, prompts=None):
+        import zlib
+
+        return torch.tensor([zlib.crc32(t.encode()) % 97 / 97 for t in completions])
+
+
+def trainer(steps: int, tmp_path, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def problems(n: int = 2) -> DataLoader:
+    rows = [(f"{i}+{i + 1}", str(2 * i + 1)) for i in range(n)]
+    return DataLoader(rows, batch_size=n, collate_fn=lambda b: ([q for q, _ in b], [a for _, a in b]))
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """The frozen (non-adapter) weights of a peft model, by plain transformers name."""
+    return {
+        k: v.detach().clone() for k, v in model.get_base_model().state_dict().items() if ".lora_" not in k
+    }
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def token_logps(model, tok, texts: list[str]) -> torch.Tensor:
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return sequence_logprobs(model, enc["input_ids"], enc["attention_mask"], enc["attention_mask"])
+
+
+TEXTS = ["Q: 1+2\nA: 3", "Q: 12+30\nA: 42 and more"]
+
+
+def test_student_rlvr_lora_trains_adapters_only_and_the_reference_is_adapters_off(tiny_random_lm, tmp_path):
+    L.seed_everything(0)
+    module = StudentRLVR(
+        tiny_random_lm, reward=HashReward(), prompt_template=PROMPT, lora=LORA, lr=1e-2,
+        rl=RLVRConfig(group_size=4, max_new_tokens=6, temperature=2.0, kl_coef=0.1),
+        val_num_samples=0, log_samples_every=0,
+    )  # fmt: skip
+    module.configure_model()
+    ref, policy, tok = module.ref_model, module.policy, module.tokenizer
+    assert is_peft(policy) and isinstance(ref, AdapterDisabledReference) and ref.model is policy  # no copy
+    base = load_causal_lm(tiny_random_lm)
+    initial_base, initial_lora = base_weights(policy), lora_params(policy)
+    # before training: reference == adapters-off == the base model (LoRA's B starts at 0: == policy too)
+    assert torch.equal(token_logps(ref, tok, TEXTS), token_logps(base, tok, TEXTS))
+    policy.train()
+    token_logps(ref, tok, TEXTS)
+    assert policy.training  # the reference restores the policy's mode
+
+    run = trainer(2, tmp_path)
+    run.fit(module, problems())
+    opt_params = {id(p) for g in run.optimizers[0].param_groups for p in g["params"]}
+    assert opt_params == {id(p) for n, p in policy.named_parameters() if "lora_" in n}
+    after_base, after_lora = base_weights(policy), lora_params(policy)
+    assert all(torch.equal(after_base[k], v) for k, v in initial_base.items())  # the base did not move
+    assert any(not torch.equal(after_lora[k], v) for k, v in initial_lora.items())  # adapters trained
+    ref_logps = token_logps(module.ref_model, tok, TEXTS)
+    with policy.disable_adapter():
+        off = token_logps(policy, tok, TEXTS)
+    assert torch.equal(ref_logps, off)
+    assert torch.equal(ref_logps, token_logps(base, tok, TEXTS))  # still the initial model
+    assert not torch.allclose(token_logps(policy, tok, TEXTS), ref_logps)  # the policy moved away
+
+
+def test_lora_and_a_quantized_reference_are_an_error(tiny_random_lm):
+    with pytest.raises(ValueError, match="ref_quantization"):
+        StudentRLVR(tiny_random_lm, lora=LORA, ref_quantization="4bit")
+    with pytest.raises(ValueError, match="merge_promoted_adapter"):
+        make_module(tiny_random_lm, student_lora=LORA, merge_promoted_adapter=False,
+                    inner=InnerConfig(steps=1, batch=2, group_size=2, kl_coef=0.1))  # fmt: skip
+    with pytest.raises(ValueError, match="peft.LoraConfig"):
+        NextTokenLM(tiny_random_lm, lora=["r", 8])
+
+
+def test_next_token_lm_lora_trains_adapters_and_saves_a_plain_folder(tiny_random_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    L.seed_everything(0)
+    out = tmp_path / "saved"
+    module = NextTokenLM(tiny_random_lm, lora=LORA, lr=1e-2, warmup_steps=0, save_to=str(out))
+    tok = module.tokenizer
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": labels[i]}
+            for i in range(len(TEXTS))]  # fmt: skip
+    module.configure_model()
+    initial_base, initial_lora = base_weights(module.model), lora_params(module.model)
+    trainer(3, tmp_path).fit(module, DataLoader(rows, batch_size=2))
+    assert all(torch.equal(base_weights(module.model)[k], v) for k, v in initial_base.items())
+    assert any(not torch.equal(lora_params(module.model)[k], v) for k, v in initial_lora.items())
+    saved = AutoModelForCausalLM.from_pretrained(out)  # no peft files: a plain folder
+    assert not (out / "adapter_config.json").exists()
+    assert torch.allclose(token_logps(saved, tok, TEXTS), token_logps(module.model, tok, TEXTS), atol=1e-5)
+
+
+def test_sip_dpo_lora_reference_is_the_policy_with_adapters_off(tiny_random_lm, tmp_path):
+    from tests.test_suffix_policy_dpo import (
+        ModuleJudge,
+        ToyPrefixSuffixData,
+        _module,
+        _trainer,
+        toy_documents,
+    )
+
+    module = _module(tiny_random_lm, ModuleJudge(), lr=1e-2, lora=LORA)
+    module.configure_model()
+    initial_base, initial_lora = base_weights(module.policy), lora_params(module.policy)
+    _trainer(tmp_path, 2, logger=False).fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
+    ref = module.ref_model
+    assert isinstance(ref, AdapterDisabledReference) and ref.model is module.policy
+    assert all(torch.equal(base_weights(module.policy)[k], v) for k, v in initial_base.items())
+    assert any(not torch.equal(lora_params(module.policy)[k], v) for k, v in initial_lora.items())
+    tok = module.tokenizer
+    base = load_causal_lm(tiny_random_lm)
+    assert torch.equal(token_logps(ref, tok, TEXTS), token_logps(base, tok, TEXTS))
+
+
+# ---------------------------------------------------------------------------------------- SOAR
+def lora_soar(tiny_random_lm, **kw) -> TeacherMetaRL:
+    kw.setdefault(
+        "inner", InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=5e-2, kl_coef=0.01)
+    )
+    module = make_module(tiny_random_lm, lora=LORA, student_lora=LORA, kl_coef=0.01, save_teacher=False, **kw)
+    module.configure_model()
+    module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
+    return module
+
+
+def test_soar_lora_inner_trainings_restore_the_baseline_adapter_bit_for_bit(tiny_random_lm, tmp_path):
+    from lit_selfimprove.modules import teacher_meta_rl
+
+    module = lora_soar(tiny_random_lm, promote=False)
+    teacher, student = module.teacher, module.student
+    assert isinstance(module.ref_teacher, AdapterDisabledReference) and module.ref_teacher.model is teacher
+    baseline = adapter_state(student)
+    assert baseline and all("lora_" in k for k in baseline)  # the snapshot is the adapters only
+    student_base, teacher_base, teacher_lora = (
+        base_weights(student),
+        base_weights(teacher),
+        lora_params(teacher),
+    )
+    entries, exits, optimizers = [], [], []
+    train, adamw = module.train_inner_student, teacher_meta_rl.adamw
+
+    def recording(*args, **kwargs):
+        entries.append(adapter_state(student))
+        out = train(*args, **kwargs)
+        exits.append(adapter_state(student))
+        return out
+
+    def spy(*args, **kwargs):
+        optimizers.append(adamw(*args, **kwargs))
+        return optimizers[-1]
+
+    module.train_inner_student = recording
+    teacher_meta_rl.adamw = spy
+    try:
+        fit(module, tmp_path)
+    finally:
+        teacher_meta_rl.adamw = adamw
+    assert len(entries) == 4 and len(optimizers) == 4  # g * r trainings, a fresh optimizer each
+    for opt in optimizers:  # ... over the adapters only
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+            id(p) for n, p in student.named_parameters() if "lora_" in n
+        }
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert all(same(baseline, e) for e in entries)  # every inner training starts from the baseline
+    assert not any(same(baseline, e) for e in exits)  # ... and trained its adapters
+    assert same(baseline, adapter_state(student))  # the baseline adapters again, bit for bit
+    assert all(torch.equal(base_weights(student)[k], v) for k, v in student_base.items())  # base never moved
+    assert all(torch.equal(base_weights(teacher)[k], v) for k, v in teacher_base.items())
+    assert any(
+        not torch.equal(lora_params(teacher)[k], v) for k, v in teacher_lora.items()
+    )  # teacher trained
+    assert "student_ref" in module._frozen and module._frozen["student_ref"].model is student  # no copy
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_soar_lora_promotion_saves_a_loadable_folder_with_the_promoted_outputs(
+    tiny_random_lm, tmp_path, merge
+):
+    from transformers import AutoModelForCausalLM
+
+    inner = InnerConfig(
+        steps=2, batch=2, group_size=4, max_new_tokens=6, lr=5e-2, kl_coef=0.01 if merge else 0.0
+    )
+    module = lora_soar(tiny_random_lm, merge_promoted_adapter=merge, inner=inner)
+    initial = load_causal_lm(tiny_random_lm, lora=LORA)  # the promoted student = this + its adapters
+    cb = Promotion(tau=-2.0, window=1, require_improvement=False)  # R_k >= -1: always promote
+    run = fit(module, tmp_path, callbacks=[cb])
+    last = module.last_outer
+    assert last.promoted
+    k_star = last.promotion.dataset
+    kept = [k for k, s in enumerate(last.median_students) if s is not None]
+    assert kept == [k_star]  # only what the promotion could need was kept
+    promoted = initial.load_state_dict(last.median_students[k_star], strict=False)
+    assert not promoted.unexpected_keys
+    tok = module.student_tokenizer
+    expected = token_logps(initial, tok, TEXTS)
+    folder = next((Path(run.log_dir) / "students").iterdir())
+    saved = AutoModelForCausalLM.from_pretrained(folder)
+    assert not is_peft(saved)
+    assert torch.allclose(token_logps(saved, tok, TEXTS), expected, atol=1e-5)
+    assert torch.allclose(token_logps(module.student, tok, TEXTS), expected, atol=1e-5)  # the new baseline
+    b_zero = all(not p.any() for n, p in module.student.named_parameters() if "lora_B" in n)
+    assert b_zero == merge  # merged: the adapters were folded into the base and start again from 0
+    if merge:  # the inner reference (adapters off) is the new baseline
+        off = token_logps(AdapterDisabledReference(module.student), tok, TEXTS)
+        assert torch.allclose(off, expected, atol=1e-5)
+    assert set(merged_state_dict(module.student)) == set(load_causal_lm(tiny_random_lm).state_dict())
+
+
+# ------------------------------------------------------------------------------- median copies
+@pytest.mark.parametrize("g", [3, 12])
+def test_best_median_keeper_copies_do_not_grow_with_g_times_r(g):
+    """keep='best' keeps the same student a promotion would install as keep='all', but its copies stay
+    bounded by the repeats (one candidate + what can still be the median), whatever g."""
+    r, pick = 4, 1
+    rng = random.Random(g)
+    model = torch.nn.Linear(2, 2)
+    keepers = {"all": MedianStudents(r, pick), "best": MedianStudents(r, pick, "best")}
+    rewards, medians = [], {"all": [], "best": []}
+    for k in range(g):
+        deltas = [rng.choice([-0.25, 0.0, 0.25, 0.5]) for _ in range(r)]
+        for i in range(r):
+            with torch.no_grad():
+                model.weight.fill_(k * r + i)
+            for keeper in keepers.values():
+                keeper.offer(k * r + i, model, deltas[i])
+        for mode, keeper in keepers.items():
+            medians[mode].append(keeper.settle(k, deltas))
+        rewards.append(sum(deltas) / r)
+    assert medians["all"] == medians["best"]
+    k_star = max(range(g), key=rewards.__getitem__)
+    best = keepers["best"]
+    assert list(best.states) == [medians["best"][k_star]]
+    assert torch.equal(
+        best.states[medians["best"][k_star]]["weight"],
+        keepers["all"].states[medians["all"][k_star]]["weight"],
+    )
+    assert best.peak <= pick + 2 < r + g - 1
+    assert keepers["all"].peak == r + g - 1
+
+
+def test_soar_keeps_one_median_copy_with_full_fine_tuning(tiny_random_lm, tmp_path):
+    """The default (keep_median_students=True) holds one CPU copy at the end of the step, the best
+    dataset's median student, and the promoted student is the one keep_median_students='all' keeps."""
+    module = make_module(tiny_random_lm, num_datasets=3, save_teacher=False)
+    module.configure_model()
+    module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(12, "123"))
+    fit(module, tmp_path)
+    last, keeper = module.last_outer, module.median_keeper
+    k_star = max(range(3), key=last.rewards.__getitem__)
+    assert [k for k, s in enumerate(last.median_students) if s is not None] == [k_star]
+    assert len(keeper.states) == 1 and keeper.peak <= 2
+
+
+def test_soar_median_students_on_disk_promote_the_same_student(tiny_random_lm, tmp_path):
+    """keep_median_students='disk': no copy in memory (the keeper holds a file path), and the promoted
+    student is the one the in-memory keeper promotes."""
+    promoted = {}
+    for keep in (True, "disk"):
+        L.seed_everything(0)
+        module = make_module(tiny_random_lm, keep_median_students=keep, save_teacher=False)
+        module.configure_model()
+        module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
+        fit(
+            module, tmp_path / str(keep), callbacks=[Promotion(tau=-2.0, window=1, require_improvement=False)]
+        )
+        assert module.last_outer.promoted
+        kept = [s for s in module.median_keeper.states.values()]
+        assert len(kept) == 1 and isinstance(kept[0], str) == (keep == "disk")
+        promoted[keep] = {k: v.clone() for k, v in module.student.state_dict().items()}
+    assert all(torch.equal(promoted["disk"][k], v) for k, v in promoted[True].items())
+    assert module._median_dir is None  # the files are removed when training ends
