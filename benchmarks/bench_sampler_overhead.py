@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_student_rlvr_vs_trl import Baton, Worker, cpu_info, loadavg, summarize, versions  # noqa: E402
+from bench_student_rlvr_vs_trl import Baton, Worker, cpu_info, interleave, loadavg, summarize, versions  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sampler_overhead.json"
 JOBS = {
@@ -99,18 +99,7 @@ def run_job(job: str, steps: int, trees: dict[str, str], tmp: Path, threads: int
             cfg = {"src": src, "config": str(config), "steps": steps, "workdir": str(workdir),
                    "threads": threads, "overrides": overrides}  # fmt: skip
             workers[name] = Worker(name, ctx, cfg, timeout, target=overhead_worker)
-        for w in workers.values():
-            w.settle()
-        order = list(trees)
-        for i in range(steps):
-            for name in order:
-                for other in workers.values():
-                    other.settle()
-                dt = workers[name].step()
-                print(f"[{job} {i + 1}/{steps}] {name}: {dt:.2f} s", file=sys.stderr, flush=True)
-            order.reverse()
-        for w in workers.values():
-            w.settle()
+        interleave(workers, steps, lambda i: job)
     finally:
         for w in workers.values():
             w.close()

@@ -353,6 +353,23 @@ class Worker:
         self.proc.join()
 
 
+def interleave(workers: dict[str, Worker], steps: int, tag) -> None:
+    """Run ``steps`` steps of every worker one at a time, the order reversed each round (a, b, b, a,
+    ...), each step starting once every other worker is blocked; ``tag(i)`` labels step ``i``'s log."""
+    for w in workers.values():  # all set up (models loaded) before the first step
+        w.settle()
+    order = list(workers)
+    for i in range(steps):
+        for name in order:
+            for other in workers.values():
+                other.settle()
+            dt = workers[name].step()
+            print(f"[{tag(i)} {i + 1}/{steps}] {name}: {dt:.3f} s", file=sys.stderr, flush=True)
+        order.reverse()
+    for w in workers.values():
+        w.settle()
+
+
 def summarize(times: list[float]) -> dict:
     s = sorted(times)
     if len(s) >= 2:
@@ -449,19 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in FRAMEWORKS:
                 (tmp / name).mkdir()
                 workers[name] = Worker(name, ctx, {**base_cfg, "workdir": str(tmp / name)}, args.timeout)
-            for w in workers.values():  # both set up (models loaded) before the first step
-                w.settle()
-            order = list(FRAMEWORKS)
-            for i in range(total):
-                for name in order:
-                    for other in workers.values():
-                        other.settle()
-                    dt = workers[name].step()
-                    tag = "warmup" if i < args.warmup else "step"
-                    print(f"[{tag} {i + 1}/{total}] {name}: {dt:.3f} s", file=sys.stderr, flush=True)
-                order.reverse()
-            for w in workers.values():
-                w.settle()
+            interleave(workers, total, lambda i: "warmup" if i < args.warmup else "step")
         finally:
             for w in workers.values():
                 w.close()

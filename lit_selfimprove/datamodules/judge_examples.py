@@ -46,6 +46,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lit_selfimprove.datamodules.readers import read_jsonl
 from lit_selfimprove.judges.prompts import FACTUALITY_TEMPLATE, PAIRWISE_QUALITY_TEMPLATE, SAFETY_TEMPLATE
 from lit_selfimprove.rewards.judge_verdict import JUDGE_KINDS, canonical_verdict, label_value
 
@@ -188,18 +189,7 @@ def check_judge_row(row: object, where: str) -> dict[str, Any]:
 
 def load_judge_rows(path: str | Path) -> list[dict[str, Any]]:
     """Checked rows of a judge jsonl (``ValueError`` with the line number on a bad row)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            rows.append(check_judge_row(row, where))
-    return rows
+    return [check_judge_row(row, where) for where, row in read_jsonl(path)]
 
 
 class JudgeExamplesDataModule(ProblemListDataModule):

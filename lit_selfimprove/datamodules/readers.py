@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["Malformed", "decode_utf8", "iter_lines", "parse_json"]
+__all__ = ["Malformed", "decode_utf8", "iter_lines", "parse_json", "read_jsonl"]
 
 
 class Malformed(Exception):
@@ -94,3 +94,15 @@ def parse_json(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise Malformed(f"invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for every non-blank line of a small jsonl file read strictly (the labeled
+    examples of the judge / rewriter trainings): ``where`` is ``"path:line"``, and a line that is
+    not valid UTF-8 JSON raises ``ValueError`` naming it."""
+    for _, lineno, line in iter_lines(Path(path)):
+        where = f"{path}:{lineno}"
+        try:
+            yield where, parse_json(decode_utf8(line))
+        except Malformed as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from None

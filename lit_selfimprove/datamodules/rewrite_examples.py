@@ -23,6 +23,7 @@ from lit_selfimprove.datamodules.judge_examples import (
     _stable_fraction,
     render_chat_prompt,
 )
+from lit_selfimprove.datamodules.readers import read_jsonl
 from lit_selfimprove.judges.prompts import REWRITER_TEMPLATE, last_words
 from lit_selfimprove.rewards.rewrite import rewrite_answer
 
@@ -32,23 +33,15 @@ __all__ = ["RewriterExamplesDataModule", "load_rewriter_rows"]
 def load_rewriter_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows ``{"prefix", "suffix"[, "safe", "doc_id"]}`` of a jsonl; ``ValueError`` with the line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-            for name in ("prefix", "suffix"):
-                if not isinstance(row.get(name), str):
-                    raise ValueError(f"{where}: rewriter row misses the string field {name!r}")
-            if not isinstance(row.get("safe", False), bool):
-                raise ValueError(f"{where}: 'safe' must be true or false, got {row['safe']!r}")
-            rows.append(row)
+    for where, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        for name in ("prefix", "suffix"):
+            if not isinstance(row.get(name), str):
+                raise ValueError(f"{where}: rewriter row misses the string field {name!r}")
+        if not isinstance(row.get("safe", False), bool):
+            raise ValueError(f"{where}: 'safe' must be true or false, got {row['safe']!r}")
+        rows.append(row)
     return rows
 
 
