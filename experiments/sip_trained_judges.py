@@ -4,7 +4,7 @@
     python experiments/sip_trained_judges.py --quick    # a smoke run (seconds; tests/test_sip_trained_judges.py)
 
 1. Labels: the knowledge-base oracle labels the tiny world's ``judge`` split (safety and pairwise
-   quality, :func:`lit_selfimprove.judges.tiny_labels.tiny_judge_rows`) and rewrites the chunks of
+   quality, :func:`lit_selfimprove.datamodules.tiny_judge_labels.tiny_judge_rows`) and rewrites the chunks of
    the ``rewriter`` split (``KBRewriter``). Rows are held out by document (stable hash of
    ``doc_id``, ``--val-fraction``), as ``JudgeExamplesDataModule`` / ``RewriterExamplesDataModule``
    split them.
@@ -186,6 +186,7 @@ def judge_agreement(folder: Path | str, records: list[dict]) -> dict:
 def rewriter_agreement(folder: Path | str | None, rows: list[dict]) -> dict:
     """Greedy rewrites (``LLMRewriter`` over ``HFChatBackend``; ``None``: the input suffix unchanged)
     of held-out ``{"prefix", "suffix"}`` rows against the oracle (``KBRewriter``)."""
+    from lit_selfimprove.datamodules.tiny_judge_labels import TINY_REWRITER_TEMPLATE
     from lit_selfimprove.judges import (
         KBFactualityJudge,
         KBQualityJudge,
@@ -193,7 +194,6 @@ def rewriter_agreement(folder: Path | str | None, rows: list[dict]) -> dict:
         KBSafetyJudge,
         LLMRewriter,
     )
-    from lit_selfimprove.judges.tiny_labels import TINY_REWRITER_TEMPLATE
     from lit_selfimprove.rewards import RewriteReward
     from lit_selfimprove.rewards.rewrite import rewrite_answer
 
@@ -240,7 +240,7 @@ def rewriter_agreement(folder: Path | str | None, rows: list[dict]) -> dict:
 def sip_args(
     kind: str, args, root: Path, judge_folder: Path | None, rewriter_folder: Path | None
 ) -> list[str]:
-    from lit_selfimprove.judges.tiny_labels import TINY_PAIRWISE_TEMPLATE, TINY_SAFETY_TEMPLATE
+    from lit_selfimprove.datamodules.tiny_judge_labels import TINY_PAIRWISE_TEMPLATE, TINY_SAFETY_TEMPLATE
 
     common = [
         f"--trainer.max_steps={args.sip_steps}", f"--trainer.val_check_interval={args.sip_steps}",
@@ -387,14 +387,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- 1. oracle labels, written once (the DataModules read the files)
     from lit_selfimprove.datamodules import JudgeExamplesDataModule, RewriterExamplesDataModule
-    from lit_selfimprove.judges import KBRewriter
-    from lit_selfimprove.judges.tiny_labels import (
+    from lit_selfimprove.datamodules.tiny_judge_labels import (
         TINY_PAIRWISE_TEMPLATE,
         TINY_REWRITER_TEMPLATE,
         TINY_SAFETY_TEMPLATE,
         tiny_chunks,
         tiny_judge_rows,
     )
+    from lit_selfimprove.judges import KBRewriter
 
     rows = tiny_judge_rows(("safety", "pairwise"), seed=args.seed)
     if args.max_examples:

@@ -12,8 +12,8 @@ import pytest
 from lit_selfimprove.cli import main
 from lit_selfimprove.datamodules import JudgeExamplesDataModule
 from lit_selfimprove.datamodules.judge_examples import load_judge_rows, render_chat_prompt
+from lit_selfimprove.datamodules.tiny_judge_labels import TINY_SAFETY_TEMPLATE
 from lit_selfimprove.judges import HFChatBackend, LLMFactualityJudge, LLMPairwiseJudge, LLMSafetyJudge
-from lit_selfimprove.judges.tiny_labels import TINY_SAFETY_TEMPLATE
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.rewards import JudgeVerdictReward, canonical_verdict
 from tests.conftest import ASSETS, REPO

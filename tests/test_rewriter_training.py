@@ -11,8 +11,8 @@ import pytest
 
 from lit_selfimprove.cli import main
 from lit_selfimprove.datamodules import RewriterExamplesDataModule
+from lit_selfimprove.datamodules.tiny_judge_labels import TINY_CORPUS, TINY_REWRITER_TEMPLATE, tiny_chunks
 from lit_selfimprove.judges import HFChatBackend, LLMRewriter
-from lit_selfimprove.judges.tiny_labels import TINY_CORPUS, TINY_REWRITER_TEMPLATE, tiny_chunks
 from lit_selfimprove.rewards import RewriteReward, rewrite_answer
 from tests.conftest import REPO
 

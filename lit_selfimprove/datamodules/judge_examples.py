@@ -26,7 +26,7 @@ Row schema (jsonl, one object a line)::
 * other fields (``id``, ``source``...) are ignored.
 
 ``path: builtin:tiny-facts-judge`` builds the rows of the tiny facts world instead of reading a
-file (:func:`lit_selfimprove.judges.tiny_labels.tiny_judge_rows`: the world's ``judge`` split
+file (:func:`lit_selfimprove.datamodules.tiny_judge_labels.tiny_judge_rows`: the world's ``judge`` split
 labelled by the rule-based KB judges). Public labelled data that fits this schema after a small
 conversion (not downloaded here): ``PKU-Alignment/PKU-SafeRLHF`` and ``nvidia/Aegis-AI-Content-
 Safety-Dataset-2.0`` (safety), ``Anthropic/hh-rlhf`` and ``nvidia/HelpSteer2`` (pairwise
@@ -117,6 +117,18 @@ class ProblemListDataModule(LightningDataModule):
         self.batch_size, self.val_batch_size, self.seed = batch_size, val_batch_size, seed
         self.train_records: list[dict[str, str]] = []
         self.val_records: list[dict[str, str]] = []
+
+    tokenizer_name: str | None = None  # subclasses that render chat templates set it
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer named by ``tokenizer_name`` (its chat template), loaded on first use."""
+        if self._tokenizer is None and self.tokenizer_name:
+            from lit_selfimprove.modeling import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
 
     def build(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         raise NotImplementedError
@@ -255,17 +267,9 @@ class JudgeExamplesDataModule(ProblemListDataModule):
         }
         self._tokenizer = None
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None and self.tokenizer_name:
-            from lit_selfimprove.modeling import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
-
     def rows(self) -> list[dict[str, Any]]:
         if self.path == TINY_JUDGE_SOURCE:
-            from lit_selfimprove.judges.tiny_labels import tiny_judge_rows
+            from lit_selfimprove.datamodules.tiny_judge_labels import tiny_judge_rows
 
             rows = [check_judge_row(r, f"{TINY_JUDGE_SOURCE}[{i}]") for i, r in enumerate(tiny_judge_rows())]
         else:

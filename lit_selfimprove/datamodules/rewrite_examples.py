@@ -103,14 +103,6 @@ class RewriterExamplesDataModule(ProblemListDataModule):
         )
         self._tokenizer = None
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None and self.tokenizer_name:
-            from lit_selfimprove.modeling import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
-
     def rows(self) -> list[dict[str, Any]]:
         if self.path is not None:
             rows = load_rewriter_rows(self.path)

@@ -5,8 +5,8 @@ the world's ``judge`` split of the prefix-suffix stream (the same corpus, chunki
 as ``configs/tiny/sip_dpo.yaml``); the rows follow
 :class:`~lit_selfimprove.datamodules.JudgeExamplesDataModule`'s schema::
 
-    python -m lit_selfimprove.judges.tiny_labels --out runs/tiny_judge.jsonl            # all kinds
-    python -m lit_selfimprove.judges.tiny_labels --kinds safety --out runs/tiny_safety.jsonl
+    python -m lit_selfimprove.datamodules.tiny_judge_labels --out runs/tiny_judge.jsonl            # all kinds
+    python -m lit_selfimprove.datamodules.tiny_judge_labels --kinds safety --out runs/tiny_safety.jsonl
 
 * safety: each chunk's suffix, ``KBSafetyJudge``'s label; the KB rewrite of each unsafe suffix is
   added as a safe example (about balanced classes otherwise 1 in 5 is unsafe);
