@@ -28,12 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_student_rlvr_vs_trl import Baton, Worker, cpu_info, interleave, loadavg, summarize, versions  # noqa: E402
+from bench_student_rlvr_vs_trl import (  # noqa: E402
+    Baton,
+    Worker,
+    cpu_info,
+    interleave,
+    loadavg,
+    report_to_parent,
+    summarize,
+    versions,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sampler_overhead.json"
 JOBS = {
@@ -42,50 +50,47 @@ JOBS = {
 }
 
 
-def overhead_worker(name: str, conn, cfg: dict) -> None:
+def _fit_with_baton(name: str, conn, cfg: dict) -> None:
     """Run one job's fit from the source tree ``cfg['src']``, handing a baton around every step."""
-    try:
-        sys.path.insert(0, cfg["src"])
-        import torch
-        from lightning import Callback
+    sys.path.insert(0, cfg["src"])
+    import torch
+    from lightning import Callback
 
-        import lit_selfimprove
-        from lit_selfimprove.cli import SelfImproveCLI
+    import lit_selfimprove
+    from lit_selfimprove.cli import SelfImproveCLI
 
-        if not lit_selfimprove.__file__.startswith(cfg["src"]):
-            raise RuntimeError(f"{name}: imported {lit_selfimprove.__file__}, not the tree {cfg['src']}")
-        torch.set_num_threads(cfg["threads"])
-        baton = Baton(conn)
+    if not lit_selfimprove.__file__.startswith(cfg["src"]):
+        raise RuntimeError(f"{name}: imported {lit_selfimprove.__file__}, not the tree {cfg['src']}")
+    torch.set_num_threads(cfg["threads"])
+    baton = Baton(conn)
 
-        class Timer(Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                baton.begin()
+    class Timer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            baton.begin()
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-                baton.end(metrics=metrics)
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            baton.end(metrics=metrics)
 
-        cli = SelfImproveCLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            seed_everything_default=0,
-            run=False,
-            args=[
-                f"--config={cfg['config']}",
-                f"--trainer.max_steps={cfg['steps']}",
-                f"--trainer.default_root_dir={cfg['workdir']}",
-                "--trainer.enable_progress_bar=false",
-                *cfg["overrides"],
-            ],
-        )
-        cli.trainer.callbacks.insert(0, Timer())
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        conn.send(("result",))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        raise
-    finally:
-        conn.close()
+    cli = SelfImproveCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        run=False,
+        args=[
+            f"--config={cfg['config']}",
+            f"--trainer.max_steps={cfg['steps']}",
+            f"--trainer.default_root_dir={cfg['workdir']}",
+            "--trainer.enable_progress_bar=false",
+            *cfg["overrides"],
+        ],
+    )
+    cli.trainer.callbacks.insert(0, Timer())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def overhead_worker(name: str, conn, cfg: dict) -> None:
+    report_to_parent(conn, _fit_with_baton, name, conn, cfg)
 
 
 def run_job(job: str, steps: int, trees: dict[str, str], tmp: Path, threads: int, timeout: float) -> dict:

@@ -276,15 +276,21 @@ def run_trl(conn, cfg: dict) -> None:
     trainer.train()
 
 
-def worker_main(name: str, conn, cfg: dict) -> None:
+def report_to_parent(conn, run, *args) -> None:
+    """Run ``run(*args)`` in a worker process and tell the parent how it ended: ``("result",)``,
+    or ``("error", traceback)`` before re-raising; the pipe is closed either way."""
     try:
-        (run_ours if name == "ours" else run_trl)(conn, cfg)
+        run(*args)
         conn.send(("result",))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
     finally:
         conn.close()
+
+
+def worker_main(name: str, conn, cfg: dict) -> None:
+    report_to_parent(conn, run_ours if name == "ours" else run_trl, conn, cfg)
 
 
 # --------------------------------------------------------------------------------------- parent
