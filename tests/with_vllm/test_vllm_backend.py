@@ -64,6 +64,41 @@ def test_greedy_equals_builtin_after_optimizer_steps(student):
     assert backend.syncs == syncs + 3
 
 
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit"])
+def test_engine_reloads_after_bitsandbytes_steps(student, optimizer):
+    """bitsandbytes writes the parameters through raw pointers (no ``_version`` bump): the engine
+    must still reload after every step and write what the built-in sampler writes."""
+    pytest.importorskip("bitsandbytes")
+    if optimizer.startswith("paged_") and not torch.cuda.is_available():
+        pytest.skip("paged_adamw8bit needs CUDA: the builder refuses it on CPU (check_optimizer)")
+    from lit_selfimprove.modules._shared import adamw
+
+    model, tok, backend = student
+    before = generate(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+    syncs = backend.syncs
+    opt = adamw(model.parameters(), lr=3e-3, weight_decay=0.0, optimizer=optimizer)
+    target = tok([p + "\\boxed{3}" for p in PROMPTS], return_tensors="pt", padding=True)
+    for step in range(1, 4):
+        out = model(**target, labels=target["input_ids"].masked_fill(target["attention_mask"] == 0, -100))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        after = generate(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+        assert backend.syncs == syncs + step  # reloaded after this step
+        ref = builtin(model, tok, PROMPTS, max_new_tokens=40, temperature=0.0)
+        assert after.texts == ref.texts and torch.equal(after.completion_ids, ref.completion_ids)
+    assert after.texts != before.texts  # the steps really changed what is written
+
+
+def test_engine_dtype_auto_is_the_compute_dtype(student):
+    """``dtype: auto``: the engine runs in the dtype the module computes in (autocast under
+    ``precision: bf16-mixed``, where the engine starts), not in the float32 master weights'."""
+    model, _, backend = student
+    assert backend._dtype(model) == "float32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backend._dtype(model) == "bfloat16"
+
+
 def test_token_prompts_equal_builtin(student):
     """SIP's path: already tokenized, LEFT-padded token windows (no re-tokenization)."""
     model, tok, _ = student
