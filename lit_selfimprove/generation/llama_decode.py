@@ -15,7 +15,12 @@ logits are bitwise equal to the model's own forward (``tests/test_llama_decode.p
 every step, with and without padding, with grouped-query attention, with LoRA), so a seeded run
 samples the same tokens either way. :func:`supports` says when it applies: a ``LlamaForCausalLM``
 (bare or under peft) with ``sdpa`` attention, unsharded, unquantized linear layers (plain or
-vanilla LoRA) and no hooks; everything else samples through the model's forward.
+vanilla LoRA) and no hooks, under transformers >= 4.55 (older ones return their KV cache as tuples or
+a ``DynamicCache`` without ``layers``); everything else samples through the model's forward.
+
+Memory: the prefill keeps only the last position's logits (``logits_to_keep=1``), and the key/value
+buffers hold the compute dtype (the autocast dtype under ``torch.autocast``: keys come out of the
+rotary embedding in the parameters' float32 there, which attention casts down anyway).
 """
 
 from __future__ import annotations
@@ -23,9 +28,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaDecoder", "supports"]
+__all__ = ["LlamaDecoder", "compute_dtype", "supports"]
 
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inverse frequencies that do not depend on the length
+# the first transformers with the cache layout the decoder reads (``cache.layers[i].keys``); 4.46-4.53
+# return tuples or a ``DynamicCache`` of lists (tested: 4.55.4 and 5.x decode, 4.46.3 and 4.53.3 do not)
+MIN_TRANSFORMERS = "4.55"
+
+
+def _transformers_supported() -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(MIN_TRANSFORMERS)
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype matrix products on ``device`` run in: the autocast dtype inside ``torch.autocast``,
+    ``dtype`` (the tensors' own) otherwise."""
+    if dtype.is_floating_point and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,6 +109,8 @@ def supports(model: torch.nn.Module) -> bool:
         from transformers import LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
     except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if not _transformers_supported():  # the model's forward serves older transformers
         return False
     wrapper, model = model, _unwrap(model)
     if type(model) is not LlamaForCausalLM:  # subclasses may change the forward
@@ -167,20 +192,31 @@ class LlamaDecoder:
         self.layers = list(inner.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+        out = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,  # [rows, 1, V]: the prompt's other positions' logits are never read
+        )
         cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
+        logits = out.logits
         rows, width = prompt_ids.shape
         length = width + max_new_tokens
         self.keys, self.values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values  # [rows, kv_heads, width, head_dim]
-            kb = k.new_empty(rows, k.shape[1], length, k.shape[3])
-            vb = v.new_empty(rows, v.shape[1], length, v.shape[3])
+            # float32 keys under autocast would double the largest allocation of the call; attention
+            # casts them to the autocast dtype anyway, so storing them cast gives the same logits
+            kb = k.new_empty(rows, k.shape[1], length, k.shape[3], dtype=compute_dtype(k.device, k.dtype))
+            vb = v.new_empty(rows, v.shape[1], length, v.shape[3], dtype=compute_dtype(v.device, v.dtype))
             kb[:, :, :width] = k
             vb[:, :, :width] = v
             self.keys.append(kb)
             self.values.append(vb)
-        self.logits = out.logits[:, -1]
+            layer.keys = layer.values = None  # the prefill cache's copy is freed now, not at the end
+        del cache, out
+        self.logits = logits[:, -1]
         # transformers passes no mask to sdpa when no row is padded, a boolean one otherwise
         self.padded = not bool(prompt_mask.all())
         full = torch.ones(rows, length, dtype=torch.bool, device=prompt_mask.device)

@@ -4,18 +4,24 @@ A short KV-cached loop instead of ``model.generate``: it has far less per-token 
 small models, draws every random number from one ``torch.Generator`` (seeded runs repeat
 exactly), and can keep all ranks stepping together (FSDP needs every rank to run the same
 number of forward passes).
+
+At paper scale (256 rows x 1,024 new tokens of a 3B model beside its training state) one batch
+would not fit a GPU: a call's rows are decoded in micro-batches whose KV cache fits a budget
+(``GenerationConfig.max_batch_rows`` / ``max_batch_kv_gb``), and the prefill keeps only the last
+position's logits.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 
-from lit_selfimprove.distributed import any_rank, initialized
-from lit_selfimprove.generation.backend import backend_of
-from lit_selfimprove.generation.llama_decode import LlamaDecoder
+from lit_selfimprove.distributed import all_reduce_max, any_rank, initialized
+from lit_selfimprove.generation.backend import DEFAULT_MAX_BATCH_KV_GB, backend_of
+from lit_selfimprove.generation.llama_decode import LlamaDecoder, _unwrap, compute_dtype
 from lit_selfimprove.generation.llama_decode import supports as supports_lean
 
 
@@ -91,6 +97,20 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _last_logits_kwarg(model: torch.nn.Module) -> dict:
+    """``{"logits_to_keep": 1}`` where the model's forward takes it (``num_logits_to_keep`` in
+    transformers 4.45-4.49), ``{}`` otherwise: the prefill then computes the logits of the last
+    prompt position only instead of ``[rows, prompt, vocabulary]`` of them (15 GiB at paper scale)."""
+    try:
+        params = inspect.signature(_unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def _get_cache(out):
     cache = out.get("cache") if hasattr(out, "get") else None
     return cache if cache is not None else out.past_key_values
@@ -149,7 +169,11 @@ class _ForwardDecoder:
         self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self.cache_arg = _cache_kwarg(model)
         out = model(
-            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=self.positions, use_cache=True
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **_last_logits_kwarg(model),
         )
         self.cache, self.logits = _get_cache(out), out.logits[:, -1]
 
@@ -179,19 +203,24 @@ def _decode(
     generator: torch.Generator | None,
     sync_ranks: bool,
     lean: bool,
+    dummy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The KV-cached sampling loop: ``(completion_ids, completion_mask, finished)`` for the prompt rows.
 
     Rows that hit EOS are padded with ``pad_id`` (mask 0) while the others go on; with ``sync_ranks`` the
-    loop runs until every rank is done.
+    loop runs until every rank is done. ``dummy``: the rows count as done from the start and draw no
+    random numbers (a rank with fewer micro-batches than another runs these to keep stepping with it).
     """
-    decoder = LlamaDecoder if lean and supports_lean(model) else _ForwardDecoder
+    decoder = LlamaDecoder if lean else _ForwardDecoder
     dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens)
     logits = dec.logits
-    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=logits.device)
+    done = torch.full((prompt_ids.shape[0],), dummy, dtype=torch.bool, device=logits.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
-        nxt = _sample_next(logits, temperature, top_p, generator)
+        if dummy:
+            nxt = torch.full_like(done, pad_id, dtype=torch.long)
+        else:
+            nxt = _sample_next(logits, temperature, top_p, generator)
         alive.append(~done)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
@@ -205,23 +234,106 @@ def _decode(
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long(), done
 
 
+def kv_bytes_per_token(model: torch.nn.Module, lean: bool) -> int | None:
+    """Bytes of KV cache one row takes per position (all layers, keys and values), from the model's
+    config; ``None`` when the config does not say (an unknown architecture: no micro-batching).
+
+    The element size is the compute dtype's for the lean decoder (it stores keys and values cast), for
+    the model's own cache FSDP2's compute dtype or else the parameters' (whose keys leave the rotary
+    embedding in the parameters' dtype, float32 under autocast).
+    """
+    config = getattr(_unwrap(model), "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config
+
+    def first(*names):
+        values = [getattr(config, n, None) for n in names]
+        return next((v for v in values if isinstance(v, int) and v > 0), None)
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
+    kv_heads = first("num_key_value_heads", "multi_query_group_num") or heads
+    head_dim = first("head_dim") or (first("hidden_size", "n_embd") // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    param = next(model.parameters())
+    dtype = compute_dtype(param.device, param.dtype) if lean else _fsdp_param_dtype(model) or param.dtype
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def _fsdp_param_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype FSDP2 (``fully_shard``) computes a model in (its ``MixedPrecisionPolicy``), if any."""
+    get_state = getattr(model, "_get_fsdp_state", None)
+    try:
+        policy = getattr(get_state(), "_mp_policy", None) if callable(get_state) else None
+    except Exception:  # a private API: whatever changes there, the parameters' dtype is the fallback
+        return None
+    return getattr(policy, "param_dtype", None)
+
+
+def _split(rows: int, per_batch: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of ``ceil(rows / per_batch)`` micro-batches of (nearly) equal size."""
+    count = math.ceil(rows / per_batch)
+    size = math.ceil(rows / count)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row of a micro-batch (a shorter cache)."""
+    first = int(mask.any(0).long().argmax())
+    return ids[:, first:], mask[:, first:]
+
+
 class BuiltinSampler:
     """The package's own sampler (the default backend): a KV-cached loop over the model itself.
 
     Every random number comes from the call's ``torch.Generator``, so a seeded run repeats
     exactly; ``sync_ranks`` keeps sharded models' ranks stepping together.
 
+    A call's rows (prompts x samples) are decoded in micro-batches when they would not fit together:
+    of ``max_batch_rows`` rows, or (``None``) as many as fit in ``max_batch_kv_gb`` of KV cache. A call
+    that fits in one batch samples exactly as before micro-batching existed; one split into several
+    draws its random numbers micro-batch after micro-batch (a seeded call still repeats exactly, but
+    its rows differ from the one-batch samples). Under ``sync_ranks`` every rank runs as many
+    micro-batches as the rank with the most (a sharded model's forward passes are collectives).
+
     Args:
         lean: decode Llama-architecture models with
             :class:`~lit_selfimprove.generation.llama_decode.LlamaDecoder` (static KV buffers, no
             per-step transformers overhead) where it applies; its logits are bitwise those of the
             model's own forward. ``False``: always the model's forward.
+        max_batch_rows: the most rows decoded together (``None``: sized by ``max_batch_kv_gb``).
+        max_batch_kv_gb: the KV cache budget of one micro-batch in GiB, when ``max_batch_rows`` is
+            ``None``.
     """
 
-    lean: bool = True  # (a class default too: subclasses need not call __init__)
+    # (class defaults too: subclasses need not call __init__)
+    lean: bool = True
+    max_batch_rows: int | None = None
+    max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB
 
-    def __init__(self, lean: bool = True) -> None:
+    def __init__(
+        self,
+        lean: bool = True,
+        max_batch_rows: int | None = None,
+        max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB,
+    ) -> None:
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1 or None, got {max_batch_rows}")
+        if not max_batch_kv_gb > 0:
+            raise ValueError(f"max_batch_kv_gb must be > 0, got {max_batch_kv_gb}")
         self.lean = lean
+        self.max_batch_rows = max_batch_rows
+        self.max_batch_kv_gb = max_batch_kv_gb
+
+    def rows_per_batch(self, model: torch.nn.Module, rows: int, length: int, lean: bool) -> int:
+        """How many of ``rows`` rows of ``length`` positions (prompt + new tokens) to decode together."""
+        if self.max_batch_rows is not None:
+            return min(rows, self.max_batch_rows)
+        per_token = kv_bytes_per_token(model, lean)
+        if per_token is None:
+            return rows
+        return max(1, min(rows, int(self.max_batch_kv_gb * 2**30 // (per_token * length))))
 
     def sample(self, model, prompt_ids, prompt_mask, num_samples, eos, pad_id, max_new_tokens,
                temperature, top_p, generator, sync_ranks):  # fmt: skip
@@ -230,11 +342,44 @@ class BuiltinSampler:
         was_training = model.training
         model.eval()
         try:
-            return _decode(model, prompt_ids, prompt_mask, eos, pad_id, max_new_tokens, temperature,
-                           top_p, generator, sync_ranks, self.lean)  # fmt: skip
+            lean = self.lean and supports_lean(model)
+            rows = prompt_ids.shape[0]
+            per_batch = self.rows_per_batch(model, rows, prompt_ids.shape[1] + max_new_tokens, lean)
+            spans = _split(rows, per_batch)
+            count = len(spans)
+            if sync_ranks:  # every rank runs as many micro-batches (and so forward passes) as the most
+                count = int(all_reduce_max(torch.tensor([float(count)]), device=prompt_ids.device).item())
+            parts = []
+            for i in range(count):
+                if i < len(spans):
+                    ids, mask = prompt_ids[spans[i][0] : spans[i][1]], prompt_mask[spans[i][0] : spans[i][1]]
+                    if len(spans) > 1:  # (rows that fit in one batch are decoded exactly as ever)
+                        ids, mask = _trim_left_padding(ids, mask)
+                    parts.append(_decode(model, ids, mask, eos, pad_id, max_new_tokens, temperature,
+                                         top_p, generator, sync_ranks, lean))  # fmt: skip
+                else:  # this rank is out of rows: a one-row stand-in keeps it stepping with the others
+                    _decode(model, prompt_ids[-1:], prompt_mask[-1:], eos, pad_id, max_new_tokens,
+                            temperature, top_p, generator, sync_ranks, lean, dummy=True)  # fmt: skip
+            return _join(parts, pad_id)
         finally:
             if was_training:
                 model.train()
+
+
+def _join(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The micro-batches' ``(completion_ids, completion_mask, finished)`` stacked, completions
+    right-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(ids.shape[1] for ids, _, _ in parts)
+    pad = torch.nn.functional.pad
+    return (
+        torch.cat([pad(ids, (0, width - ids.shape[1]), value=pad_id) for ids, _, _ in parts]),
+        torch.cat([pad(mask, (0, width - mask.shape[1]), value=0) for _, mask, _ in parts]),
+        torch.cat([done for _, _, done in parts]),
+    )
 
 
 @torch.no_grad()
