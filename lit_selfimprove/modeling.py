@@ -8,6 +8,7 @@ quantization and LoRA adapters all go through :func:`load_causal_lm`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -139,7 +140,7 @@ def load_causal_lm(
             ``transformers.BitsAndBytesConfig`` (e.g. ``{"load_in_4bit": true}``), see
             :func:`bnb_config_kwargs`; needs bitsandbytes (``gpu`` or ``dev`` extra; runs on CPU too).
         lora: kwargs of ``peft.LoraConfig`` (e.g. ``{"r": 16, "target_modules": "all-linear"}``);
-            needs ``peft``.
+            needs ``peft``; modules check them when constructed (:func:`check_lora`).
         device_map: passed to ``from_pretrained`` (e.g. ``{"": "cuda:1"}``: a quantized model is
             quantized where it is placed and cannot always be moved afterwards).
     """
@@ -170,10 +171,10 @@ def load_causal_lm(
         model.gradient_checkpointing_enable()
     if lora:
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
         except ImportError as err:
             raise ImportError("lora needs peft: pip install peft") from err
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        model = get_peft_model(model, lora_config(lora))
     return model
 
 
@@ -199,10 +200,59 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def check_lora(lora: dict[str, Any] | None, ref_quantization=None, what: str = "lora") -> None:
-    """Fail at start-up for LoRA settings that cannot run: not a dict of ``peft.LoraConfig`` kwargs,
-    peft missing (``ImportError``), or a quantized reference next to LoRA (``ValueError``: with LoRA
-    the reference is the base model with the adapters disabled, no second model is loaded)."""
+# peft.LoraConfig settings this library cannot run correctly, with why and what to use instead: they
+# train or rewrite weights outside the LoRA A / B matrices, so disabling the adapters does not give
+# the initial model back (the KL / DPO reference would move with training) or the merged save
+# (:func:`merged_state_dict`) would not compute what the trained model does.
+LORA_UNSUPPORTED = {
+    "bias": (
+        lambda v: v in (None, "none"),
+        "trains the base model's own biases: they stay on when the adapters are disabled, so the KL / DPO "
+        "reference (the model with its adapters disabled) would move with training; use bias: none, or "
+        "fine-tune fully (lora: null) to train the biases",
+    ),
+    "modules_to_save": (
+        lambda v: not v,
+        "trains full copies of those modules, which neither the adapters-disabled reference nor the "
+        "merged save (it writes the untrained originals) take into account; put LoRA on them instead "
+        "(add them to target_modules), or fine-tune fully (lora: null)",
+    ),
+    "trainable_token_indices": (
+        lambda v: not v,
+        "trains embedding rows outside the adapters, which the merged save does not write; "
+        "fine-tune fully (lora: null) to train the embeddings",
+    ),
+    "lora_bias": (
+        lambda v: not v,
+        "adds a bias to LoRA's B matrices, which the merge into the base weights does not fold in; "
+        "use lora_bias: false",
+    ),
+    "use_dora": (
+        lambda v: not v,
+        "adds DoRA magnitude vectors, which the merge into the base weights does not fold in (a promoted "
+        "or saved model would differ from the trained one); use plain LoRA (use_dora: false)",
+    ),
+    "task_type": (
+        lambda v: v in (None, "CAUSAL_LM"),
+        "sets another task than the causal LM every model here is; leave task_type out (it is CAUSAL_LM)",
+    ),
+}
+
+
+def check_lora(
+    lora: dict[str, Any] | None,
+    ref_quantization=None,
+    what: str = "lora",
+    model: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Fail at start-up, not after minutes of loading, for LoRA settings that cannot run: not a dict
+    of ``peft.LoraConfig`` kwargs, a key ``LoraConfig`` does not have (a typo: ``ValueError`` with
+    the closest key), a value peft rejects, a setting listed in :data:`LORA_UNSUPPORTED`, peft
+    missing (``ImportError``), a quantized reference next to LoRA (``ValueError``: with LoRA the
+    reference is the base model with the adapters disabled, no second model is loaded), or, given
+    the ``model`` name or path, ``target_modules`` that name no module of it (checked on its
+    config alone: :func:`check_lora_targets`)."""
     if not lora:
         return
     if not isinstance(lora, dict):
@@ -218,6 +268,114 @@ def check_lora(lora: dict[str, Any] | None, ref_quantization=None, what: str = "
             f"{what} and ref_quantization cannot be combined: with LoRA the reference is the same model "
             "with its adapters disabled (no second copy to quantize)"
         )
+    _check_lora_keys(lora, what)
+    for key, (ok, why) in LORA_UNSUPPORTED.items():
+        if key in lora and not ok(lora[key]):
+            raise ValueError(f"{what}: {key}={lora[key]!r} is not supported: it {why}")
+    lora_config(lora, what)  # the values peft itself checks (e.g. r > 0, a valid init)
+    if model is not None:
+        check_lora_targets(lora, model, what, trust_remote_code)
+
+
+def _check_lora_keys(lora: dict[str, Any], what: str) -> None:
+    import dataclasses
+    import difflib
+
+    from peft import LoraConfig
+
+    fields = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+    for key in lora:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"{what}: unknown peft.LoraConfig key {key!r}; {hint}the keys are {', '.join(fields)}"
+            )
+
+
+def lora_config(lora: dict[str, Any], what: str = "lora"):
+    """The ``peft.LoraConfig`` of ``lora`` kwargs for a causal LM; peft's own errors name ``what``."""
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: peft.LoraConfig rejects {lora}: {err}") from err
+
+
+def check_lora_targets(
+    lora: dict[str, Any], name_or_path: str, what: str = "lora", trust_remote_code: bool = False
+) -> None:
+    """Check ``lora``'s ``target_modules`` against the modules of ``name_or_path`` without loading its
+    weights: the model is built from its config on the meta device (no memory, milliseconds for a
+    3B model), every entry of a target list must name at least one module (peft itself only fails
+    when none does), and peft then wraps that empty model. A config that cannot be read here (e.g. a
+    hub id offline) is left to the model's load, which reports it. The global RNG is left as it was."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_selfimprove.assets import resolve_model
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve(resolve_model(name_or_path)), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError):
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # a check leaves the seeded RNG alone
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    targets = lora.get("target_modules")
+    if isinstance(targets, (list, tuple, set)):
+        names = [n for n, _ in model.named_modules() if n]
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(
+                f"{what}: target_modules {missing} name no module of {name_or_path!r}; its module names "
+                f"are {', '.join(leaves)} (or use target_modules: all-linear)"
+            )
+    from peft import get_peft_model
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            get_peft_model(model, lora_config(lora, what))
+    except ValueError as err:  # e.g. a regex that matches nothing, an unsupported module type
+        raise ValueError(f"{what}: {err} (model {name_or_path!r})") from err
+
+
+# float attributes through which transformers' attention / MLP code applies dropout functionally
+# (``dropout=self.attention_dropout if self.training else 0.0``), next to its nn.Dropout modules
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "hidden_dropout", "activation_dropout", "dropout")
+
+
+@contextmanager
+def dropout_disabled(model: torch.nn.Module):
+    """Run ``model`` without dropout but in its own mode: every dropout module (peft's ``lora_dropout``
+    included) gets ``p = 0`` and every float dropout rate of :data:`DROPOUT_ATTRIBUTES` is 0.0;
+    both are restored on exit.
+
+    Why: the RL and DPO losses compare the policy's log-probs with those of the sampler and of the
+    reference, which run in eval mode (no dropout); with dropout in the loss forward the ratio is
+    noise at step 0 and the KL is not 0 (as TRL's ``disable_dropout``). Unlike ``model.eval()`` the
+    model stays in train mode, so what depends on it (gradient checkpointing) keeps working; run the
+    backward inside too, as gradient checkpointing reruns the forward then."""
+    from torch.nn.modules.dropout import _DropoutNd  # nn.Dropout, Dropout1d/2d/3d, AlphaDropout
+
+    saved: list[tuple[torch.nn.Module, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, _DropoutNd):
+            saved.append((module, "p", module.p))
+            continue
+        for name in DROPOUT_ATTRIBUTES:
+            value = module.__dict__.get(name)
+            if isinstance(value, float) and value > 0:
+                saved.append((module, name, value))
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, 0.0)
+        yield model
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 class AdapterDisabledReference:
@@ -506,8 +664,30 @@ def shard_model(
     kwargs = {}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    for layer in layers or []:
+    layers = decoder_layers(model)
+    if not layers:
+        import warnings
+
+        warnings.warn(
+            f"shard_model found no decoder layers in {type(model).__name__}: only the root is sharded, so "
+            "every forward all-gathers the whole model (no memory saving from FSDP2)",
+            UserWarning,
+            stacklevel=2,
+        )
+    for layer in layers:
         fully_shard(layer, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a causal LM, each FSDP2's unit of sharding: ``model.model.layers`` of a
+    transformers model, looked up under the base model of a peft (LoRA) model (whose ``.model`` is
+    the ``*ForCausalLM``, one level above the layers); else the modules of the classes transformers
+    lists in ``_no_split_modules`` (e.g. ``GPT2Block``)."""
+    base = model.get_base_model() if is_peft(model) else model
+    layers = getattr(getattr(base, "model", base), "layers", None)
+    if layers is not None:
+        return list(layers)
+    classes = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in classes]

@@ -326,3 +326,141 @@ def test_soar_median_students_on_disk_promote_the_same_student(tiny_random_lm, t
         promoted[keep] = {k: v.clone() for k, v in module.student.state_dict().items()}
     assert all(torch.equal(promoted["disk"][k], v) for k, v in promoted[True].items())
     assert module._median_dir is None  # the files are removed when training ends
+
+
+# ------------------------------------------------------------- settings checked at construction
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"bias": "all"},  # trained base biases stay on with the adapters disabled: a moving reference
+        {"bias": "lora_only"},
+        {"modules_to_save": ["lm_head"]},  # the merged save wrote the untrained lm_head
+        {"trainable_token_indices": [1, 2]},
+        {"lora_bias": True},
+        {"use_dora": True},
+        {"task_type": "SEQ_CLS"},
+    ],
+)
+def test_lora_settings_the_reference_or_the_merge_cannot_follow_are_rejected(tiny_random_lm, extra):
+    (key,) = extra
+    with pytest.raises(ValueError, match=f"{key}=.* is not supported"):
+        StudentRLVR(tiny_random_lm, lora={**LORA, **extra})
+    with pytest.raises(ValueError, match=f"student_lora: {key}="):
+        make_module(tiny_random_lm, student_lora={**LORA, **extra})
+    with pytest.raises(ValueError, match=f"{key}="):
+        NextTokenLM(tiny_random_lm, lora={**LORA, **extra})
+
+
+def test_a_typo_in_a_lora_key_fails_at_construction_with_the_closest_key(tiny_random_lm):
+    with pytest.raises(
+        ValueError, match="unknown peft.LoraConfig key 'lora_alfa'; did you mean 'lora_alpha'"
+    ):
+        StudentRLVR(tiny_random_lm, lora={"r": 4, "lora_alfa": 8})
+    # values peft rejects, in LoraConfig or only when it wraps the model (here: an empty one)
+    with pytest.raises(ValueError, match="lora: peft.LoraConfig rejects .*layers_to_transform"):
+        StudentRLVR(tiny_random_lm, lora={"r": 4, "layers_pattern": "layers"})
+    for bad, named in (({"init_lora_weights": "nonsense"}, "init_lora_weights"), ({"r": 0}, "positive")):
+        with pytest.raises(ValueError, match=f"lora: .*{named}"):
+            StudentRLVR(tiny_random_lm, lora={**LORA, **bad})
+
+
+@pytest.mark.parametrize(
+    "targets, named",
+    [
+        (["q_proj", "q_prj"], r"\['q_prj'\]"),  # one typo next to a real module: peft alone accepts it
+        (["attn"], r"\['attn'\]"),
+        (r".*\.nothing_here", "not found"),  # a regex that matches nothing
+    ],
+)
+def test_lora_target_modules_missing_from_the_model_fail_at_construction(
+    tiny_random_lm, monkeypatch, targets, named
+):
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the check must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    lora = {"r": 4, "target_modules": targets}
+    with pytest.raises(ValueError, match=named) as err:
+        StudentRLVR(tiny_random_lm, lora=lora)
+    assert "tiny_random_lm" in str(err.value)
+    if isinstance(targets, list):
+        assert "q_proj" in str(err.value) and "all-linear" in str(err.value)  # what to write instead
+    with pytest.raises(ValueError, match="student_lora: target_modules"):
+        make_module(tiny_random_lm, student_lora={"r": 4, "target_modules": ["q_prj"]})
+    # real modules pass, with no weights loaded and the seeded RNG untouched
+    rng = torch.random.get_rng_state()
+    StudentRLVR(tiny_random_lm, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    StudentRLVR(tiny_random_lm, lora=LORA)
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+# ------------------------------------------------------------------------- no dropout in the loss
+def rollouts_of(tok, prompts: list[str], completions: list[str]):
+    from lit_selfimprove.generation import Rollouts
+
+    p = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = "right"
+    try:
+        c = tok(completions, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = "left"
+    return Rollouts(p["input_ids"], p["attention_mask"], c["input_ids"], c["attention_mask"],
+                    completions, torch.ones(len(completions), dtype=torch.bool))  # fmt: skip
+
+
+def dropout_model(tiny_random_lm, where: str):
+    """A model whose train-mode forward is random: LoRA dropout on adapters that are not zero
+    (``init_lora_weights: false``), or attention dropout (with gradient checkpointing, which needs
+    train mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if where == "lora_dropout":
+        return load_causal_lm(tiny_random_lm, lora={**LORA, "lora_dropout": 0.5, "init_lora_weights": False})
+    config = AutoConfig.from_pretrained(tiny_random_lm)
+    config.attention_dropout = 0.5
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_lm, config=config)
+    model.gradient_checkpointing_enable()
+    return model
+
+
+@pytest.mark.parametrize("where", ["lora_dropout", "attention_dropout"])
+def test_policy_update_log_probs_are_the_samplers_with_dropout_in_the_model(
+    tiny_random_lm, monkeypatch, where
+):
+    """The loss forward sees the log-probs the sampler and the reference see (no dropout), so the KL
+    to an identical reference is 0; the policy stays in train mode and keeps its dropout rates."""
+    import lit_selfimprove.loops.policy_update as pu
+    from lit_selfimprove.modeling import frozen_copy, load_tokenizer
+
+    model, tok = dropout_model(tiny_random_lm, where), load_tokenizer(tiny_random_lm)
+    rollouts = rollouts_of(tok, ["Q: 1+2\nA: ", "Q: 12+30\nA: "] * 2, ["3", "42 and more", "4", "0"])
+    ref = frozen_copy(model)  # eval mode, like the sampler
+    model.train()
+    input_ids, attention_mask, completion_mask = rollouts.sequences()
+    with torch.no_grad():
+        expected = sequence_logprobs(ref, input_ids, attention_mask, completion_mask)
+        model.train()
+        noisy = sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+    assert not torch.allclose(noisy, expected, atol=1e-4)  # train mode alone would not do
+    seen, forward = [], pu.sequence_logprobs
+
+    def recording(policy, *args):
+        seen.append((policy.training, forward(policy, *args)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(pu, "sequence_logprobs", recording)
+    cfg = pu.UpdateConfig(kl_coef=0.5, ppo_epochs=2, clip_eps_low=0.2, clip_eps_high=0.2, micro_batch_size=2)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    stats = pu.policy_gradient_update(model, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]), sgd, cfg, ref)
+    assert len(seen) == 4 and all(training for training, _ in seen)  # train mode in every loss forward
+    for i, (_, logps) in enumerate(seen):
+        rows = slice(2 * (i % 2), 2 * (i % 2) + 2)
+        assert torch.allclose(logps.detach(), expected[rows], atol=1e-5)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
+    assert model.training
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert 0.5 in rates and all(r in (0.0, 0.5) for r in rates)  # restored after the update

@@ -25,6 +25,7 @@ import torch
 
 from lit_selfimprove.distributed import all_reduce_sum, world_size
 from lit_selfimprove.generation import Rollouts
+from lit_selfimprove.modeling import dropout_disabled
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
 from lit_selfimprove.rl.policy_update import UpdateConfig, chunked_logprobs, micro_batches, units
@@ -57,43 +58,46 @@ def policy_gradient_update(
     chunks = micro_batches(input_ids.shape[0], cfg.micro_batch_size)
     advantages = advantages.to(input_ids.device)
     total = _total_units(token_mask, cfg)  # with ``all_ranks``: a collective, before any forward
-    # with one epoch the old policy is the current one: its log-probs are the detached current
-    # ones (policy_gradient_loss's default), so a second forward would only repeat work
-    with torch.no_grad():
-        seqs = (input_ids, attention_mask, completion_mask, chunks)
-        old_logps = chunked_logprobs(policy, *seqs) if cfg.ppo_epochs > 1 else None
-        use_ref = cfg.kl_coef > 0 and ref_model is not None
-        ref_logps = chunked_logprobs(ref_model, *seqs) if use_ref else None
-    policy.train()
-    sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "logp": 0.0}
-    for _ in range(cfg.ppo_epochs):
-        for sl in chunks:
-            logps = sequence_logprobs(policy, input_ids[sl], attention_mask[sl], completion_mask[sl])
-            mask = token_mask[sl]
-            weight = units(mask, cfg.loss_aggregation) / total
-            loss, pg_stats = policy_gradient_loss(
-                logps,
-                old_logps[sl] if old_logps is not None else None,
-                advantages[sl],
-                mask,
-                clip_eps_low=cfg.clip_eps_low,
-                clip_eps_high=cfg.clip_eps_high,
-                aggregation=cfg.loss_aggregation,
-                max_tokens=cfg.max_new_tokens,
-            )
-            if ref_logps is not None:
-                per_token = kl_penalty(logps, ref_logps[sl], cfg.kl_estimator)
-                kl = aggregate_loss(per_token, mask, cfg.loss_aggregation, cfg.max_new_tokens)
-                loss = loss + cfg.kl_coef * kl
-                sums["kl"] += float(kl.detach() * weight)
-            backward(loss * weight)
-            sums["loss"] += float(loss.detach() * weight)
-            sums["clip_fraction"] += float(pg_stats["clip_fraction"] * weight)
-            sums["logp"] += float((logps.detach() * mask).sum() / total)
-        if clip is not None and cfg.max_grad_norm:
-            clip(cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+    # no dropout in any forward here: the sampler and the reference run without it (eval mode), and
+    # log-probs with dropout would make the ratio and the KL noise (the policy stays in train mode)
+    with dropout_disabled(policy):
+        # with one epoch the old policy is the current one: its log-probs are the detached current
+        # ones (policy_gradient_loss's default), so a second forward would only repeat work
+        with torch.no_grad():
+            seqs = (input_ids, attention_mask, completion_mask, chunks)
+            old_logps = chunked_logprobs(policy, *seqs) if cfg.ppo_epochs > 1 else None
+            use_ref = cfg.kl_coef > 0 and ref_model is not None
+            ref_logps = chunked_logprobs(ref_model, *seqs) if use_ref else None
+        policy.train()
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "logp": 0.0}
+        for _ in range(cfg.ppo_epochs):
+            for sl in chunks:
+                logps = sequence_logprobs(policy, input_ids[sl], attention_mask[sl], completion_mask[sl])
+                mask = token_mask[sl]
+                weight = units(mask, cfg.loss_aggregation) / total
+                loss, pg_stats = policy_gradient_loss(
+                    logps,
+                    old_logps[sl] if old_logps is not None else None,
+                    advantages[sl],
+                    mask,
+                    clip_eps_low=cfg.clip_eps_low,
+                    clip_eps_high=cfg.clip_eps_high,
+                    aggregation=cfg.loss_aggregation,
+                    max_tokens=cfg.max_new_tokens,
+                )
+                if ref_logps is not None:
+                    per_token = kl_penalty(logps, ref_logps[sl], cfg.kl_estimator)
+                    kl = aggregate_loss(per_token, mask, cfg.loss_aggregation, cfg.max_new_tokens)
+                    loss = loss + cfg.kl_coef * kl
+                    sums["kl"] += float(kl.detach() * weight)
+                backward(loss * weight)
+                sums["loss"] += float(loss.detach() * weight)
+                sums["clip_fraction"] += float(pg_stats["clip_fraction"] * weight)
+                sums["logp"] += float((logps.detach() * mask).sum() / total)
+            if clip is not None and cfg.max_grad_norm:
+                clip(cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
     return {k: v / cfg.ppo_epochs for k, v in sums.items()}

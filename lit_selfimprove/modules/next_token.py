@@ -85,7 +85,7 @@ class NextTokenLM(LightningModule):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         check_optimizer(optimizer)
-        check_lora(lora)
+        check_lora(lora, model=model)
         if lora and model is None:
             raise ValueError(
                 "lora needs a pretrained `model`: a model built from `model_config` trains every weight"

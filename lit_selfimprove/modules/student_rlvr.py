@@ -141,7 +141,7 @@ class StudentRLVR(LightningModule):
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
         check_optimizer(optimizer)
         check_quantization(ref_quantization)
-        check_lora(lora, ref_quantization)
+        check_lora(lora, ref_quantization, model=model)
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain a '{question}' field")
         self.rl = (
