@@ -1,7 +1,8 @@
 """One or two CPU processes of ``TeacherMetaRL`` (SOAR's outer loop), for ``tests/test_soar_distributed.py``.
 
-Usage: ``python tests/_dist_soar_script.py {single|ddp|fsdp2} MODEL_DIR OUT_DIR``. Lightning's
-launcher re-runs this file for rank 1. The same 8 teacher texts are used in every mode (with two
+Usage: ``python tests/_dist_soar_script.py {single|ddp|fsdp2|broadcast} MODEL_DIR OUT_DIR``
+(``broadcast``: :func:`~lit_selfimprove.distributed.broadcast_state` alone, two spawned gloo
+ranks). Lightning's launcher re-runs this file for rank 1. The same 8 teacher texts are used in every mode (with two
 ranks, rank r writes texts 4r..4r+3), and Q_R is always all 8 problems of a fixed set, so the g
 datasets, Q_R and the per-training RNG streams are the same whatever the number of ranks. Each
 rank saves ``OUT_DIR/rank{r}.pt``: full teacher and student weights, the rewards of each outer
@@ -11,6 +12,7 @@ wall time of each outer step (``benchmarks/bench_soar_distributed.py`` compares 
 
 from __future__ import annotations
 
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -61,9 +63,63 @@ class StepTimer(Callback):
         self.rewards.append(list(pl_module.last_outer["rewards"]))
 
 
+def record_object_broadcasts() -> list[int]:
+    """The pickled size of every object this rank broadcasts (``broadcast_object_list`` from it)."""
+    sizes: list[int] = []
+    original = torch.distributed.broadcast_object_list
+
+    def recording(object_list, src=0, *args, **kwargs):
+        if torch.distributed.get_rank() == src:
+            sizes.append(sum(len(pickle.dumps(o)) for o in object_list))
+        return original(object_list, src, *args, **kwargs)
+
+    torch.distributed.broadcast_object_list = recording
+    return sizes
+
+
+def broadcast_state_ranks(out_dir: Path) -> None:
+    """``broadcast``: ``broadcast_state`` alone on two gloo ranks (spawned here), rank 1 the source."""
+    torch.multiprocessing.spawn(_broadcast_state_rank, args=(out_dir,), nprocs=2, join=True)
+
+
+def _broadcast_state_rank(rank: int, out_dir: Path) -> None:
+    from lit_selfimprove.distributed import broadcast_state
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    sizes = record_object_broadcasts()
+    model = torch.nn.Linear(300, 200)  # 60,200 float32 values: 240 KB
+    before = {k: t.data_ptr() for k, t in model.state_dict().items()}
+    state = None
+    if rank == 1:  # bfloat16 weight: goes through a buffer; float32 bias: straight into the parameter
+        state = {"weight": torch.full((200, 300), 1.5, dtype=torch.bfloat16), "bias": torch.arange(200.0)}
+    version = model.bias._version
+    installed = broadcast_state(state, 1, model.state_dict())
+    errors = []
+    for bad in ({"weight": torch.zeros(200, 300)}, {"weight": torch.zeros(2, 3), "bias": torch.zeros(200)}):
+        try:  # a mismatch raises on every rank, not only on the source
+            broadcast_state(bad if rank == 1 else None, 1, model.state_dict())
+        except (KeyError, ValueError) as err:
+            errors.append(type(err).__name__)
+    result = {
+        "installed": installed,
+        "nothing": broadcast_state(None, 0, model.state_dict()),  # the source has no state: False
+        "weight": model.weight.detach().clone(),
+        "bias": model.bias.detach().clone(),
+        "in_place": before == {k: t.data_ptr() for k, t in model.state_dict().items()},
+        "bias_version_bumped": model.bias._version > version,
+        "errors": errors,
+        "object_bytes": sizes,
+    }
+    torch.save(result, out_dir / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     which, model_dir, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
+    if which == "broadcast":
+        return broadcast_state_ranks(out_dir)
     devices, strategy = 2, "ddp"
     if which == "single":
         devices, strategy = 1, "auto"
@@ -126,8 +182,10 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[timer, Promotion(tau=-1.0, window=1)],  # promote every step: exercises the broadcast
     )
+    sizes = record_object_broadcasts() if which != "single" else []
     trainer.fit(module, datamodule=data)
     result = {
+        "object_bytes": sizes,  # what this rank pickled and broadcast (a promotion: never a student)
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "strategy": type(trainer.strategy).__name__,

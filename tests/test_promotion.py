@@ -281,6 +281,20 @@ def test_missing_trained_students_is_a_clear_error(tmp_path):
         drive(cb, module, fake_trainer(tmp_path), 0, [0.0, 1.0], [None, None])
 
 
+@pytest.mark.parametrize("promotes", [True, False])
+def test_end_message_cites_tau_only_when_promotions_ran(tmp_path, monkeypatch, promotes):
+    said = []
+    monkeypatch.setattr("lit_selfimprove.callbacks.promotion.rank_zero_info", said.append)
+    cb, module = Promotion(tau=0.5, window=1), FakeModule(torch.nn.Linear(2, 2))
+    module.promotes = promotes
+    cb.bind(module)
+    said.clear()  # what bind said about the callback's tau and window
+    cb.on_train_end(fake_trainer(tmp_path), module)
+    assert len(said) == 1 and said[0].startswith("SOAR: no promotion")
+    assert ("tau=0.5" in said[0]) == promotes
+    assert ("promote=false" in said[0]) == (not promotes)
+
+
 # ------------------------------------------------------------------------ checkpoint state
 def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     trainer = fake_trainer(tmp_path)

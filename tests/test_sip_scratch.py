@@ -122,3 +122,88 @@ def test_tiny_scratch_config_trains_one_rollout_and_the_suffix(tmp_path, monkeyp
     for r in trained:
         for key in ("train/loss", "train/nll_chosen", "train/dpo_margin"):
             assert math.isfinite(float(r[key])), (key, r[key])
+
+
+def test_scratch_reference_is_the_same_after_a_resume_under_another_seed(tiny_random_lm, tmp_path):
+    """The DPO reference (the random initial policy) is not in the checkpoint: a resumed run, whose
+    process has another torch seed (``seed_everything: true``, per-rank seeds), rebuilds the same one
+    from the seed the checkpoint keeps, and the policy comes from the checkpoint."""
+    import lightning as L
+
+    from tests._dist_sip_script import ScriptedJudge, ToyPrefixSuffixData, toy_documents, vowel_share
+
+    def run(steps: int, ckpt=None) -> tuple[SuffixPolicyDPO, L.Trainer]:
+        judge = ScriptedJudge(lambda p, c, r: [vowel_share(x) for x in c])
+        module = SuffixPolicyDPO(
+            tiny_random_lm,
+            judge=judge,
+            from_scratch=True,
+            num_rollouts=2,
+            warmup_steps=0,
+            lr=1e-2,
+            log_samples_every=0,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            default_root_dir=tmp_path,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2), ckpt_path=ckpt)
+        return module, trainer
+
+    torch.manual_seed(1)
+    first, trainer = run(2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    reference = {k: v.clone() for k, v in first.ref_model.state_dict().items()}
+    policy = {k: v.clone() for k, v in first.policy.state_dict().items()}
+    torch.manual_seed(2)  # the resumed process draws another seed
+    other, _ = scratch_model(tiny_random_lm, seed=2)
+    assert not torch.equal(other.lm_head.weight, reference["lm_head.weight"])
+    second, trainer = run(2, ckpt=str(tmp_path / "step2.ckpt"))  # restores, trains no further step
+    assert trainer.global_step == 2
+    assert all(torch.equal(v, reference[k]) for k, v in second.ref_model.state_dict().items())
+    assert all(torch.equal(v, policy[k]) for k, v in second.policy.state_dict().items())
+
+
+RANK_SCRIPT = """
+import sys
+import torch
+from lightning.fabric.utilities.data import AttributeDict
+from lit_selfimprove.modules._shared import load_policy
+
+def rank_main(rank, model, out):
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(10 + rank)  # per-rank seeds
+    module = type("Module", (), {})()
+    module.policy, module._frozen, module._trainer, module.device = None, {}, None, torch.device("cpu")
+    module.hparams = AttributeDict(
+        model=model, dtype="float32", attn_implementation=None, quantization=None, lora=None, from_scratch=True
+    )
+    load_policy(module, reference=True)
+    weights = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    ref = {k: v.clone() for k, v in module._frozen["ref"].state_dict().items()}
+    torch.save({"policy": weights, "ref": ref, "seed": module._scratch_seed}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(rank_main, args=(sys.argv[1], sys.argv[2]), nprocs=2, join=True)
+"""
+
+
+@pytest.mark.slow  # two spawned processes importing the library
+def test_scratch_policy_and_reference_are_rank_zeros_under_per_rank_seeds(tiny_random_lm, tmp_path):
+    from tests._launch import run_ranks
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    r0, r1 = run_ranks(script, [tiny_random_lm], tmp_path, 300)
+    assert r0["seed"] == r1["seed"] == 10  # rank 0's
+    expected, _ = scratch_model(tiny_random_lm, seed=10)
+    for r in (r0, r1):
+        for part in ("policy", "ref"):
+            assert all(torch.equal(v, expected.state_dict()[k]) for k, v in r[part].items()), part

@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests._launch import cached_runs, max_diff
+from tests._launch import cached_runs, max_diff, run_ranks
 
 SCRIPT = Path(__file__).with_name("_dist_soar_script.py")
 TIMEOUT_S = 300
@@ -46,6 +47,28 @@ def test_inner_trainings_are_spread_and_ranks_agree(runs, mode):
     assert max_diff(r0["student"], single["student"]) <= 1e-5  # the same student was promoted
     # FSDP2 shards the teacher only; students stay whole on every rank
     assert r0["teacher_dtensor"] == (mode == "fsdp2") and not r0["student_dtensor"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_promotion_broadcasts_the_student_tensor_by_tensor(runs, mode):
+    """A promotion every step, and the students still agree (above), but no rank ever pickled a student
+    into one object: a 3B float32 student would be a ~12 GB byte tensor on every GPU."""
+    ranks = runs(mode)
+    student_bytes = sum(t.numel() * t.element_size() for t in ranks[0]["student"].values())
+    largest = max(size for r in ranks for size in r["object_bytes"])
+    assert largest < student_bytes / 20, (largest, student_bytes)
+
+
+@pytest.mark.slow  # two spawned processes importing the library: tens of seconds on a busy machine
+def test_broadcast_state_copies_into_the_destination_on_every_rank(tmp_path):
+    r0, r1 = run_ranks(SCRIPT, ["broadcast", "unused"], tmp_path, TIMEOUT_S)
+    for r in (r0, r1):
+        assert r["installed"] and not r["nothing"] and r["in_place"]
+        assert torch.equal(r["weight"], torch.full((200, 300), 1.5))  # bfloat16 sent, float32 here
+        assert torch.equal(r["bias"], torch.arange(200.0))
+        assert r["errors"] == ["KeyError", "ValueError"]  # a mismatch raises everywhere, never hangs
+        assert max(r["object_bytes"], default=0) < 4 * 60_200 / 20  # names and shapes, not the tensors
+    assert r0["bias_version_bumped"]  # written by the collective: marked changed (vLLM reloads)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

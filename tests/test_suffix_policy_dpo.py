@@ -276,6 +276,25 @@ def test_dpo_raises_the_chosen_minus_rejected_log_ratio(tiny_random_lm, tmp_path
     assert _metrics(trainer)["select/chosen_suffix"] == [1.0] * 4
 
 
+def test_dpo_loss_forward_runs_without_dropout(tiny_random_lm, tmp_path):
+    """A policy with attention dropout: at step 0 (policy = reference) the DPO margin is exactly 0, as
+    the reference (eval mode) sees it; with dropout in the loss forward it would be noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "dropout_lm"
+    config = AutoConfig.from_pretrained(tiny_random_lm)
+    config.attention_dropout = 0.5
+    model = AutoModelForCausalLM.from_pretrained(tiny_random_lm, config=config)
+    model.save_pretrained(folder)
+    load_tokenizer(tiny_random_lm).save_pretrained(folder)
+    judge = ScriptedJudge(by_source(rollout=0.0, suffix=1.0, rewrite=-1.0))
+    module = _module(str(folder), judge, rewriter=CopyRewriter(), include_rewrite=True, lr=1e-3, beta=0.5)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
+    assert abs(_metrics(trainer)["train/dpo_margin"][0]) < 1e-6
+    assert module.policy.config.attention_dropout == 0.5  # restored after the update
+
+
 def test_rf_nll_lowers_the_chosen_nll_without_a_reference(tiny_random_lm, tmp_path):
     judge = ScriptedJudge(by_source(rollout=0.0, suffix=1.0))
     module = _module(tiny_random_lm, judge, loss="rf_nll", lr=1e-3)

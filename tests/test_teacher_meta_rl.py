@@ -375,6 +375,9 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
         ({"answer_check": "strict"}, "answer_check"),
         ({"prompt_template": "no field"}, "question"),
         ({"median": "middle"}, "median"),
+        ({"keep_median_students": "maybe"}, "keep_median_students"),
+        # a promotion installs a kept student: without any, the first promotion (hours in) would fail
+        ({"keep_median_students": False}, "keep_median_students=False keeps none"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):
@@ -401,3 +404,83 @@ def test_median_keeper_holds_at_most_r_plus_g_copies():
     assert all(
         torch.equal(keeper.states[j]["weight"], torch.full((2, 2), float(j // r * 10 + 2))) for j in medians
     )
+
+
+def test_keeping_no_students_is_fine_without_promotions(tiny_random_lm):
+    make_module(tiny_random_lm, keep_median_students=False, promote=False)
+    make_module(tiny_random_lm, keep_median_students=False, teacher_reward="intrinsic")  # trains none
+
+
+# ------------------------------------------------------------- keep_median_students: disk
+def test_a_full_disk_names_the_student_file_and_the_free_space(tmp_path, monkeypatch):
+    """torch's own error for a full disk names no path; the keeper's says where, and how much room."""
+    from lit_selfimprove.modules.soar_outer import MedianStudents
+
+    def disk_full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    keeper = MedianStudents(2, 0, "best", offload_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        keeper.offer(0, torch.nn.Linear(2, 2), 0.5)
+    message = str(err.value)
+    assert str(tmp_path / "student_0.pt") in message and "free on that disk" in message
+    assert "median_students_dir" in message and "unexpected pos" in message
+    assert not list(tmp_path.iterdir())  # the partial file is removed
+
+
+def test_student_folder_removes_leftovers_and_fails_early_when_not_writable(tmp_path):
+    from lit_selfimprove.modules.median_students import StudentFolder
+
+    folder = StudentFolder(tmp_path / "kept", rank=1)
+    folder.path.mkdir(parents=True)
+    (folder.path / "student_3.pt").write_bytes(b"left by a crash")
+    (folder.path / "notes.txt").write_text("not ours")
+    folder.prepare()
+    assert sorted(p.name for p in folder.path.iterdir()) == ["notes.txt"]
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RuntimeError, match="a_file.*median_students_dir"):
+        StudentFolder(tmp_path / "a_file" / "kept").prepare()
+
+
+def test_disk_students_live_in_the_run_directory_and_are_removed(tiny_random_lm, tmp_path, monkeypatch):
+    """keep_median_students='disk': the files go to <log dir>/median_students/rank_0 (not the system temp
+    folder), what a crashed run left there is removed when fit starts, and the folder when it ends."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: pytest.fail("the system temp folder was used"))
+    folder = tmp_path / "run" / "version_0" / "median_students" / "rank_0"
+    folder.mkdir(parents=True)
+    (folder / "student_5.pt").write_bytes(b"left by a crashed run")
+    module = make_module(tiny_random_lm, keep_median_students="disk", save_teacher=False)
+    module.configure_model()
+    module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.extend(pl_module.median_keeper.states.values())
+            seen.append(sorted(p.name for p in folder.iterdir()))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[Look()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, ArithmeticProblemDataModule(levels=[1], num_train=16, num_test=4, batch_size=4))
+    kept, names = seen
+    assert Path(kept).parent == folder and names == [Path(kept).name]  # the crash's file is gone
+    assert not folder.parent.exists()  # removed at the end of training
+    (tmp_path / "not_a_dir").write_text("")
+    module = make_module(
+        tiny_random_lm, keep_median_students="disk", median_students_dir=str(tmp_path / "not_a_dir")
+    )
+    module.sample_teacher_round = lambda num: pytest.fail("an outer step ran before the folder was checked")
+    with pytest.raises(RuntimeError, match="not_a_dir"):
+        fit(module, tmp_path / "second")

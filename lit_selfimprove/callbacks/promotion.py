@@ -185,6 +185,11 @@ class Promotion(Callback):
                 f"SOAR: {self.count} promotions; promotion questions (PQ): {out / self.pq_filename} "
                 f"({self.pq_lines} pairs); promoted students: {out / 'students'}"
             )
+        elif not getattr(pl_module, "promotes", True):  # no rule ran: tau played no part
+            rank_zero_info(
+                "SOAR: no promotion: promotions are off (promote=false, or teacher_reward='intrinsic', "
+                "which trains no students)"
+            )
         else:
             rank_zero_info(
                 f"SOAR: no promotion (the moving average of the teacher reward was never above "

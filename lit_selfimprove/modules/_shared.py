@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning import LightningModule
 
-from lit_selfimprove.distributed import seeded_generator
+from lit_selfimprove.distributed import broadcast_object, seeded_generator
 from lit_selfimprove.generation import GenerationConfig
 from lit_selfimprove.loggers import log_table
 from lit_selfimprove.modeling import load_trained_model
@@ -31,8 +32,10 @@ __all__ = [
     "generation_config",
     "linear_warmup",
     "on_device",
+    "restore_scratch_seed",
     "sampling_generator",
     "scratch_model",
+    "scratch_seed",
     "seeded_generator",
     "write_samples",
 ]
@@ -60,7 +63,9 @@ def load_policy(module: LightningModule, reference: bool) -> None:
     if module.policy is not None:
         return
     hp = module.hparams
-    load = scratch_model if hp.get("from_scratch") else load_trained_model  # random weights, model's config
+    load = load_trained_model
+    if hp.get("from_scratch"):  # random weights in model's architecture, from a seed kept for resumes
+        load = functools.partial(scratch_model, seed=scratch_seed(module))
     module.policy, ref = load(
         hp.model,
         dtype=hp.dtype,
@@ -74,6 +79,48 @@ def load_policy(module: LightningModule, reference: bool) -> None:
     )
     if ref is not None:
         module._frozen["ref"] = ref
+
+
+def scratch_seed(module: LightningModule) -> int:
+    """The seed of a from-scratch policy's random initial weights (and so of its DPO reference, which
+    the checkpoint does not hold): fixed at the first setup to rank 0's ``torch.initial_seed()``, the
+    same on every rank (per-rank seeds would give each rank another network), and kept as
+    ``module._scratch_seed``, which :func:`restore_scratch_seed` gets back from a checkpoint."""
+    if getattr(module, "_scratch_seed", None) is None:
+        module._scratch_seed = int(broadcast_object(torch.initial_seed(), src=0))
+    return module._scratch_seed
+
+
+def restore_scratch_seed(module: LightningModule, checkpoint: dict) -> None:
+    """On resume (``on_load_checkpoint``): the from-scratch seed the checkpoint's run drew its initial
+    policy from. The policy's weights come from the checkpoint, but its DPO reference, the random
+    initial policy, is not in it: it is rebuilt from that seed when this process drew another one
+    (a resume reseeds torch, ``seed_everything: true`` picks a new seed)."""
+    if not module.hparams.get("from_scratch"):
+        return
+    saved = checkpoint.get("scratch_seed")
+    if saved is None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            "from_scratch: the checkpoint does not record the seed of the random initial policy (written "
+            "by an older version): the DPO reference is drawn from this run's seed and may differ from "
+            "the one the checkpoint was trained against"
+        )
+        return
+    if saved == getattr(module, "_scratch_seed", None):
+        return
+    module._scratch_seed = int(saved)
+    if "ref" in module._frozen:
+        hp = module.hparams
+        _, module._frozen["ref"] = scratch_model(
+            hp.model,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            reference=True,
+            device_mesh=getattr(module, "device_mesh", None),
+            seed=module._scratch_seed,
+        )
 
 
 def check_from_scratch(from_scratch: bool, quantization=None, lora=None, ref_quantization=None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lit_selfimprove.modules._shared import check_at_least_one, check_optimizer
+from lit_selfimprove.modules.median_students import save_student
 from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
@@ -166,7 +167,7 @@ class MedianStudents:
         state = adapter_state(model, "cpu")
         if self.offload_dir is not None:
             path = f"{self.offload_dir}/student_{job}.pt"
-            torch.save(state, path)
+            save_student(state, path)  # a full disk: an error naming the path and the free space
             state = path
         self.states[job] = state
         self.peak = max(self.peak, len(self.states))
@@ -223,6 +224,16 @@ def check_soar_hparams(hp, inner: InnerConfig) -> None:
     )
     if hp.teacher_batch is not None and hp.teacher_batch < 1:
         raise ValueError(f"teacher_batch must be >= 1 or None, got {hp.teacher_batch}")
+    if hp.keep_median_students not in (True, False, "all", "disk"):
+        raise ValueError(
+            f"keep_median_students must be true, false, 'all' or 'disk', got {hp.keep_median_students!r}"
+        )
+    if hp.promote and hp.teacher_reward == "grounded" and hp.keep_median_students is False:
+        raise ValueError(
+            "promote=True installs a kept trained student as the new baseline, but "
+            "keep_median_students=False keeps none: the first promotion would fail. Set "
+            "keep_median_students to true, 'all' or 'disk', or promote=False"
+        )
     if hp.median not in ("lower", "upper"):
         raise ValueError(f"median must be 'lower' or 'upper', got {hp.median!r}")
     if hp.kl_coef < 0:

@@ -53,6 +53,7 @@ from lit_selfimprove.modeling import (
     check_attn_implementation,
     check_lora,
     check_quantization,
+    dropout_disabled,
     load_tokenizer,
     warn_if_half_trainable,
 )
@@ -67,6 +68,8 @@ from lit_selfimprove.modules._shared import (
     generation_config,
     load_policy,
     on_device,
+    restore_scratch_seed,
+    scratch_seed,
     write_samples,
 )
 from lit_selfimprove.rl.logprobs import sequence_logprobs
@@ -141,8 +144,9 @@ class SuffixPolicyDPO(LightningModule):
             them); this many bad steps in a row stop the run with a ``RuntimeError`` saying the
             same (``None``: only warn). A healthy run never comes near the defaults.
         from_scratch: the paper's from-scratch setting: the policy gets random weights in the
-            architecture of ``model`` (only its config is read; drawn from the global seed) and
-            the DPO reference is that random initial policy. Not with ``quantization``, ``lora``
+            architecture of ``model`` (only its config is read; drawn from rank 0's global seed at the
+            first setup, a seed the checkpoints keep) and the DPO reference is that random initial
+            policy (rebuilt from the kept seed on resume). Not with ``quantization``, ``lora``
             or ``ref_quantization``.
     """
 
@@ -188,7 +192,7 @@ class SuffixPolicyDPO(LightningModule):
         check_optimizer(optimizer)
         check_quantization(ref_quantization)
         check_from_scratch(from_scratch, quantization, lora, ref_quantization)
-        check_lora(lora, ref_quantization)
+        check_lora(lora, ref_quantization, model=model)
         check_at_least_one(max_new_tokens=max_new_tokens, val_max_new_tokens=val_max_new_tokens)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -243,6 +247,13 @@ class SuffixPolicyDPO(LightningModule):
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("SuffixPolicyDPO", self.policy)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.get("from_scratch"):  # the random initial policy (the DPO reference): its seed
+            checkpoint["scratch_seed"] = scratch_seed(self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_scratch_seed(self, checkpoint)  # from scratch: the reference of the checkpoint's run
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -456,16 +467,20 @@ class SuffixPolicyDPO(LightningModule):
         chunks = int(all_reduce_max(local_chunks).item())
         world = world_size()
         parts: dict[str, list[Tensor]] = {}
-        for c in range(chunks):
-            part = rows[c * size : (c + 1) * size]
-            weight = len(part) * world / global_pairs
-            if not part:  # a dummy pair with weight 0 keeps this rank in step with the others
-                part, weight = [0], 0.0
-            loss, stats = self._pair_loss(batch, cands, sel, part)
-            self.manual_backward(loss * weight)
-            if weight > 0:
-                for k, v in stats.items():
-                    parts.setdefault(k, []).append(v)
+        # no dropout in the loss forwards (as TRL's DPO): the policy's log-probs are then those its
+        # rollouts were scored with and comparable to the reference's; the backward stays inside
+        # (gradient checkpointing re-runs the forward there)
+        with dropout_disabled(self.policy):
+            for c in range(chunks):
+                part = rows[c * size : (c + 1) * size]
+                weight = len(part) * world / global_pairs
+                if not part:  # a dummy pair with weight 0 keeps this rank in step with the others
+                    part, weight = [0], 0.0
+                loss, stats = self._pair_loss(batch, cands, sel, part)
+                self.manual_backward(loss * weight)
+                if weight > 0:
+                    for k, v in stats.items():
+                        parts.setdefault(k, []).append(v)
         if hp.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
         opt.step()

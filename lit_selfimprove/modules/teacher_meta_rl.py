@@ -61,7 +61,6 @@ from lit_selfimprove.modeling import (
     check_quantization,
     frozen_copy,
     is_peft,
-    load_adapter_state,
     load_tokenizer,
     load_trained_model,
     merge_adapters_into_base,
@@ -80,6 +79,7 @@ from lit_selfimprove.modules._shared import (
     sampling_generator,
     write_samples,
 )
+from lit_selfimprove.modules.median_students import StudentFolder, install_student
 from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents, OuterStep, check_soar_hparams
 from lit_selfimprove.modules.student_rlvr import unpack_problems
 from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, SOAR_TEACHER_PROMPT, as_user_turn
@@ -147,9 +147,12 @@ class TeacherMetaRL(LightningModule):
             far (the only one a promotion can install), and drops a trained student's copy as soon as
             it cannot be its dataset's median, so the copies do not grow with g * r (the other
             entries of ``last_outer.median_students`` are ``None``); ``"all"`` keeps every dataset's
-            median (at most r + g copies per rank); ``"disk"`` keeps what ``true`` keeps as files in a
-            temporary folder (no copy in memory; ``last_outer.median_students`` holds their paths,
-            valid until the next outer step); ``false`` none (no promotion possible).
+            median (at most r + g copies per rank); ``"disk"`` keeps what ``true`` keeps as files in
+            ``median_students_dir`` (no copy in memory; ``last_outer.median_students`` holds their
+            paths, valid until the next outer step); ``false`` none (only with ``promote=False``).
+        median_students_dir: the folder of ``keep_median_students: disk`` (one ``rank_<r>`` subfolder
+            per rank; default ``<log dir>/median_students``). Checked writable when fit starts, where
+            the files a crashed run left are removed; removed when training ends.
         promote: run SOAR's promotion (Algorithm 1, step 5) at the end of every outer step (grounded
             reward only: intrinsic rewards train no students). The rule
             (:class:`~lit_selfimprove.rl.promotion.PromotionRule`) and its state live in the module
@@ -231,6 +234,7 @@ class TeacherMetaRL(LightningModule):
         max_grad_norm: float | None = 1.0,
         teacher_micro_batch_size: int | None = None,
         keep_median_students: bool | Literal["all", "disk"] = True,
+        median_students_dir: str | None = None,
         median: Literal["lower", "upper"] = "lower",
         promote: bool = True,
         promotion_tau: float = 0.01,
@@ -255,17 +259,13 @@ class TeacherMetaRL(LightningModule):
         check_quantization(ref_quantization)
         # a dict: from hparams.yaml
         inner = InnerConfig(**inner) if isinstance(inner, dict) else inner or InnerConfig()
-        check_lora(lora, ref_quantization if kl_coef > 0 else None, "lora")
-        check_lora(student_lora, ref_quantization if inner.kl_coef > 0 else None, "student_lora")
+        check_lora(lora, ref_quantization if kl_coef > 0 else None, "lora", model=teacher)
+        check_lora(student_lora, ref_quantization if inner.kl_coef > 0 else None, "student_lora", student)
         if student_lora and inner.kl_coef > 0 and not merge_promoted_adapter:
             raise ValueError(
                 "inner.kl_coef > 0 with student_lora needs merge_promoted_adapter=True: the inner KL "
                 "reference is the student with its adapters disabled, the baseline only when promoted "
                 "adapters are merged into the base"
-            )
-        if keep_median_students not in (True, False, "all", "disk"):
-            raise ValueError(
-                f"keep_median_students must be true, false, 'all' or 'disk', got {keep_median_students!r}"
             )
         self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["reward", "diversity_embedding"])
@@ -324,6 +324,9 @@ class TeacherMetaRL(LightningModule):
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("TeacherMetaRL", self.teacher, self.student)
+        if self.hparams.keep_median_students == "disk" and self.hparams.teacher_reward == "grounded":
+            folder = StudentFolder.of_run(self._trainer, self.hparams.get("median_students_dir"))
+            self._median_dir = folder.prepare()  # a folder that cannot be written fails now, not hours in
         writers = [cb for cb in self.trainer.callbacks if type(cb).__name__ == "Promotion"]
         if self.promotes and not writers:
             rank_zero_info(
@@ -348,18 +351,11 @@ class TeacherMetaRL(LightningModule):
         return seeded_generator(self.device, 1_000_000 + job, self.global_step)
 
     # ------------------------------------------------------------------------- distributed
-    def median_student(self, k: int) -> dict | None:
-        """Dataset k's median-reward trained student (CPU state dict) on every rank.
-
-        Collective under torch.distributed: the rank that trained it broadcasts it."""
-        last = self.last_outer
-        state, owner = last.median_students[k], last.median_owner[k]
-        if isinstance(state, str):  # keep_median_students="disk": a file
-            state = torch.load(state, map_location="cpu", weights_only=True)
-        world_size, rank = world()
-        if world_size == 1:
-            return state
-        return broadcast_object(state if rank == owner else None, src=owner)
+    def median_student(self, k: int) -> dict | str | None:
+        """Dataset k's median-reward trained student as the rank that trained it
+        (``last_outer.median_owner[k]``) keeps it: a CPU state dict, or its file with
+        ``keep_median_students: disk``; ``None`` on other ranks and when it was not kept."""
+        return self.last_outer.median_students[k]
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -481,12 +477,13 @@ class TeacherMetaRL(LightningModule):
         pick = (r - 1) // 2 if hp.median == "lower" else r // 2  # the two coincide when r is odd
         keep = "all" if hp.keep_median_students == "all" else "best"
         offload = None
-        if hp.keep_median_students == "disk":  # one folder per outer step: the last one's is removed
-            import shutil
-            import tempfile
-
-            shutil.rmtree(getattr(self, "_median_dir", None) or "", ignore_errors=True)
-            offload = self._median_dir = tempfile.mkdtemp(prefix="lit-selfimprove-students-")
+        if hp.keep_median_students == "disk":  # the last outer step's files are removed
+            if getattr(self, "_median_dir", None) is None:  # not prepared by on_fit_start
+                self._median_dir = StudentFolder.of_run(
+                    self._trainer, hp.get("median_students_dir")
+                ).prepare()
+            self._median_dir.clear()
+            offload = str(self._median_dir)
         self.median_keeper = MedianStudents(r, pick, keep, offload)
         return soar_loops.grounded_rewards(
             self.student,
@@ -613,22 +610,21 @@ class TeacherMetaRL(LightningModule):
 
     def promote(self, outer: OuterStep) -> None:
         """Algorithm 1, step 5: the promotion rule on R_1..R_g; when it fires, dataset k*'s median
-        student is installed in place as the baseline on every rank (broadcast from the rank that
-        trained it) and the promotion is recorded in ``promotions`` (and in ``outer``)."""
+        student is installed in place as the baseline on every rank (broadcast tensor by tensor from
+        the rank that trained it) and the promotion is recorded in ``promotions`` (and in ``outer``)."""
         if not self.promotes:
             return
         decision = self.promotion_rule.update([float(r) for r in outer.rewards])
         if world()[0] > 1:  # rank 0's decision for everyone
             decision = broadcast_object(decision, src=0)
         outer.promotion = decision
-        if decision.promote:
-            state = self.median_student(decision.dataset)  # collective under torch.distributed
-            if state is None:
+        if decision.promote:  # in place, tensor by tensor from the rank that trained it (LoRA: adapters)
+            owner = outer.median_owner[decision.dataset]
+            if not install_student(self.student, self.median_student(decision.dataset), owner):
                 raise RuntimeError(
                     "Promotion needs the trained students: use teacher_reward='grounded' and "
                     "keep_median_students=True (or promote=False)"
                 )
-            load_adapter_state(self.student, state)  # in place: the new baseline (LoRA: its adapters)
             if is_peft(self.student) and self.hparams.get("merge_promoted_adapter", True):
                 merge_adapters_into_base(self.student)  # base := promoted student; adapters start at 0
             outer.promoted, outer.promotion_index = True, len(self.promotions)
@@ -682,10 +678,8 @@ class TeacherMetaRL(LightningModule):
         )
 
     def on_train_end(self) -> None:
-        if getattr(self, "_median_dir", None):  # keep_median_students="disk": the last step's files
-            import shutil
-
-            shutil.rmtree(self._median_dir, ignore_errors=True)
+        if getattr(self, "_median_dir", None) is not None:  # keep_median_students="disk": the files
+            self._median_dir.remove()
             self._median_dir = None
         if not self.hparams.save_teacher or self.trainer is None:
             return
