@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ trainer:
       init_args: {{every_n_train_steps: 1, save_last: true, save_top_k: 0}}
     - class_path: _kill_at.KillAt
       init_args: {{step: {kill}}}
+    - class_path: _kill_at.TermAt
+      init_args: {{step: {term}, hang: {hang}}}
 model:
   init_args:
     num_datasets: 2
@@ -52,17 +55,24 @@ data:
 """
 
 
-def soar(root: Path, kill: int = -1, *extra: str) -> subprocess.CompletedProcess:
+def soar(
+    root: Path, kill: int = -1, *extra: str, term: int = -1, hang: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The fast SOAR run in ``root``: SIGKILL after step ``kill``'s files, SIGTERM at the start of step ``term``."""
     root.mkdir(parents=True, exist_ok=True)
-    override = root / f"fast_{kill}.yaml"
-    override.write_text(FAST.format(kill=kill))
+    override = root / f"fast_{kill}_{term}_{hang}.yaml"
+    override.write_text(FAST.format(kill=kill, term=term, hang=str(hang).lower()))
     cmd = [
         sys.executable, "-m", "lit_selfimprove", "fit", "--config", "configs/tiny/soar.yaml",
         "--config", str(override), f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli(cmd, env, timeout=120 if hang else 600)  # hang: the step sleeps 600 s
+
+
+def run_cli(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def outputs(run: Path) -> dict:
@@ -98,11 +108,191 @@ def test_sigkill_after_a_promotion_then_ckpt_path_last_is_the_uninterrupted_run(
     assert a["metrics"] == b["metrics"] and len(a["metrics"]) >= 4
 
 
+def printed_resume_command(stderr: str) -> list[str]:
+    """The command a stopped run printed to resume it, runnable here (``python`` -> this interpreter)."""
+    lines = stderr.splitlines()
+    at = next(i for i, line in enumerate(lines) if f"Resume it (exactly) from {REPO} with:" in line)
+    cmd = shlex.split(lines[at + 1])
+    assert cmd[:3] == ["python", "-m", "lit_selfimprove"] and cmd[-1] == "--ckpt_path=last", cmd
+    return [sys.executable, *cmd[1:]]
+
+
+def assert_finished(run: Path, steps: int) -> None:
+    out = outputs(run)
+    assert out["step"] == steps and (run / "teacher").is_dir()
+    assert [r["step"] for r in out["pq"]] == [s for s in range(steps) for _ in range(4)]
+    assert len({r["run_id"] for r in out["pq"]}) == 1  # one run, resumed
+    assert not (run / "run.lock").exists()
+
+
+def test_sigterm_mid_step_checkpoints_that_step_exits_143_and_the_printed_command_resumes(tmp_path):
+    stopped = soar(tmp_path, term=1)  # SIGTERM during outer step 1 (of 0..3)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    run = tmp_path / "runs" / "soar" / "version_0"
+    assert "NOT finished: 2 of 4 steps done" in stopped.stderr and f"Run directory: {run}" in stopped.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (run / "teacher").exists() and not (run / "run.lock").exists()
+    assert "manual optimization" not in stopped.stderr  # Lightning's 14-line warning, harmless here
+    resumed = run_cli(printed_resume_command(stopped.stderr))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the run in {run}" in resumed.stderr
+    assert_finished(run, 4)
+
+
+@pytest.mark.slow  # like the test above (~20 s), for the other path
+def test_sigterm_in_a_step_that_outlasts_the_grace_period_exits_143_at_once_without_a_checkpoint(tmp_path):
+    grace = {"LIT_SELFIMPROVE_SIGTERM_GRACE": "1"}
+    stopped = soar(tmp_path, term=2, hang=True, env=grace)  # step 2 would sleep 600 s
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "step 2 did not end within 1 s; it is abandoned without a checkpoint" in stopped.stderr
+    run = tmp_path / "runs" / "soar" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2  # not 3
+    assert not (run / "run.lock").exists()  # released: the resume starts without a takeover
+    (tmp_path / "fast_-1_2_True.yaml").write_text(
+        FAST.format(kill=-1, term=-1, hang="false")
+    )  # no SIGTERM now
+    resumed = run_cli(printed_resume_command(stopped.stderr))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over" not in resumed.stderr
+    assert_finished(run, 4)
+
+
 def test_ckpt_path_last_with_nothing_to_resume_is_an_error(tmp_path):
     out = soar(tmp_path, -1, "--ckpt_path=last")
     assert out.returncode != 0
     assert "nothing to resume" in out.stderr and str(tmp_path / "runs" / "soar") in out.stderr
     assert not (tmp_path / "runs" / "soar" / "version_0" / "metrics.csv").exists()  # no fresh start
+
+
+def fake_run(run: Path, *, ckpt: bool = True, step: int = 3) -> Path:
+    """A run directory as a run leaves it: metrics, PQ rows and (``ckpt``) checkpoints/last.ckpt."""
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "metrics.csv").write_text("step,x\n0,1.0\n")
+    (run / "promotion_questions.jsonl").write_text('{"step": 0}\n')
+    if ckpt:
+        torch.save({"global_step": step}, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def cli_error(tmp_path: Path, *args: str) -> str:
+    """The message a ``fit`` stops with before it builds anything (SystemExit with a text)."""
+    from lit_selfimprove.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/tiny/soar.yaml"),
+                f"--trainer.default_root_dir={tmp_path}",
+                *args,
+            ]
+        )
+    assert isinstance(stop.value.code, str), stop.value.code
+    return stop.value.code
+
+
+@pytest.mark.parametrize("ckpt", [True, False], ids=["finished", "died-before-a-checkpoint"])
+def test_a_fresh_run_into_a_fixed_version_that_holds_another_run_is_refused(tmp_path, ckpt):
+    run = fake_run(tmp_path / "runs" / "soar" / "version_0", ckpt=ckpt)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    message = cli_error(tmp_path, "--trainer.logger.init_args.version=0")
+    assert f"{run} holds the outputs of another run" in message and "another logger version" in message
+    assert ("add --ckpt_path=last" in message) == ckpt
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
+
+def test_a_fresh_run_may_use_an_empty_directory_or_one_with_only_a_dead_runs_lock(tmp_path):
+    from lit_selfimprove.callbacks.run_directory import check_fresh_run_directory
+
+    check_fresh_run_directory(tmp_path / "missing")
+    check_fresh_run_directory(tmp_path)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock = {"host": os.uname().nodename, "pid": int(gone.stdout), "run_id": "dead", "since": 0}
+    (tmp_path / "run.lock").write_text(json.dumps(lock))
+    check_fresh_run_directory(tmp_path)
+
+
+def test_ckpt_path_last_refuses_when_the_newest_run_has_no_checkpoint(tmp_path):
+    from lit_selfimprove.cli import resolve_last_checkpoint
+
+    root = tmp_path / "runs" / "soar"
+    fake_run(root / "version_9")
+    fake_run(root / "version_10", ckpt=False)  # newer (10 > 9), died before its first checkpoint
+    (root / "version_11").mkdir()  # empty: a run that failed at setup, nothing there
+    logger = {"save_dir": str(tmp_path / "runs"), "name": "soar", "version": None}
+    with pytest.raises(SystemExit, match=r"newest run, .*version_10, has no checkpoints/last\.ckpt") as stop:
+        resolve_last_checkpoint([logger], [])
+    assert "--trainer.logger.init_args.version=version_9" in str(stop.value) and logger["version"] is None
+    logger["version"] = "version_9"  # what the message says to add
+    assert resolve_last_checkpoint([logger], []) == str(root / "version_9" / "checkpoints" / "last.ckpt")
+    fake_run(root / "version_10")  # now it has one: the newest is resumed
+    logger["version"] = None
+    assert resolve_last_checkpoint([logger], []) == str(root / "version_10" / "checkpoints" / "last.ckpt")
+    assert logger["version"] == "version_10"
+
+
+def test_an_empty_last_ckpt_is_an_error_naming_it_and_the_checkpoint_beside_it(tmp_path):
+    from lit_selfimprove.cli import resolve_last_checkpoint
+
+    run = fake_run(tmp_path / "runs" / "soar" / "version_0")
+    previous = run / "checkpoints" / "epoch=0-step=3.ckpt"
+    (run / "checkpoints" / "last.ckpt").replace(previous)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")  # killed while writing it
+    logger = {"save_dir": str(tmp_path / "runs"), "name": "soar", "version": None}
+    with pytest.raises(SystemExit) as stop:
+        resolve_last_checkpoint([logger], [])
+    assert f"checkpoint {run / 'checkpoints' / 'last.ckpt'} is empty (0 bytes)" in str(stop.value)
+    assert f"--ckpt_path={previous}" in str(stop.value)
+    # that command resumes in the same run directory, not in a new version
+    from lit_selfimprove.cli import _continue_in_run_of
+
+    _continue_in_run_of(previous, [logger])
+    assert logger["version"] == "version_0"
+
+
+def test_a_truncated_checkpoint_is_an_error_and_a_whole_one_passes(tmp_path):
+    from lit_selfimprove.cli import check_checkpoint_file
+
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"global_step": 1}, whole)
+    check_checkpoint_file(whole)
+    cut = tmp_path / "last.ckpt"
+    cut.write_bytes(whole.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=rf"{cut} is truncated \(100 bytes\).*--ckpt_path={whole}"):
+        check_checkpoint_file(cut)
+
+
+def test_the_resume_command_is_the_run_command_with_ckpt_path_last(monkeypatch):
+    from lit_selfimprove.cli import resume_command, sigterm_grace
+
+    monkeypatch.setattr(sys, "argv", ["/x/lit_selfimprove/__main__.py"])
+    args = ["fit", "--config", "my runs/a.yaml", "--ckpt_path", "old.ckpt", "--ckpt_path=last"]
+    assert resume_command(args) == "python -m lit_selfimprove fit --config 'my runs/a.yaml' --ckpt_path=last"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lit-selfimprove"])
+    assert resume_command(["fit"]) == "lit-selfimprove fit --ckpt_path=last"
+    monkeypatch.setenv("LIT_SELFIMPROVE_SIGTERM_GRACE", "2.5")
+    assert sigterm_grace() == 2.5
+    monkeypatch.setenv("LIT_SELFIMPROVE_SIGTERM_GRACE", "soon")
+    with pytest.raises(
+        SystemExit, match="LIT_SELFIMPROVE_SIGTERM_GRACE='soon': expected a number of seconds"
+    ):
+        sigterm_grace()
+
+
+def test_a_run_that_fails_at_setup_removes_the_empty_run_directory_it_created(tmp_path):
+    from lit_selfimprove.cli import main
+
+    pre = tmp_path / "runs" / "soar" / "version_0"
+    pre.mkdir(parents=True)  # empty, but not this run's: kept
+    for version in ([], ["--trainer.logger.init_args.version=0"]):
+        with pytest.raises(FileNotFoundError, match="nonexistent"):
+            main(["fit", "--config", str(REPO / "configs/tiny/soar.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                  "--data.init_args.train_source=/nonexistent.jsonl", *version])  # fmt: skip
+    assert sorted(p.name for p in pre.parent.iterdir()) == ["version_0"] and not any(pre.iterdir())
 
 
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path):

@@ -6,7 +6,7 @@ from lit_selfimprove.callbacks.lm_eval import LMEval
 from lit_selfimprove.callbacks.metrics_plot import MetricsPlot, plot_series, read_metrics_csv
 from lit_selfimprove.callbacks.progress import StepProgressBar
 from lit_selfimprove.callbacks.promotion import Promotion
-from lit_selfimprove.callbacks.run_directory import RunDirectory, RunDirectoryInUse
+from lit_selfimprove.callbacks.run_directory import RunDirectory, RunDirectoryInUse, RunDirectoryNotFresh
 from lit_selfimprove.callbacks.save_hf_model import SaveHFModel
 from lit_selfimprove.callbacks.selection_stats import SelectionStats
 
@@ -16,6 +16,7 @@ __all__ = [
     "Promotion",
     "RunDirectory",
     "RunDirectoryInUse",
+    "RunDirectoryNotFresh",
     "SaveHFModel",
     "SelectionStats",
     "StepProgressBar",

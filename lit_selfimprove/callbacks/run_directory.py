@@ -5,6 +5,9 @@ final teacher). Two runs given the same directory would interleave and overwrite
 so a run takes the directory for itself: ``run.lock`` holds the owner's host, pid and run id, and
 a second run stops with an error naming the first. A lock left by a dead process on this host (a
 ``kill -9``) is taken over with a warning; a lock of another host is never taken over silently.
+A new run (no checkpoint to resume) is refused a directory that already holds another run's
+outputs (:func:`check_fresh_run_directory`; the CLI checks a fixed logger ``version`` before it
+builds anything), since the lock guards only live runs.
 
 The run id (a short random hex string, logged at the start) is kept in checkpoints, so a resumed
 run is the same run: PQ rows carry it. On resume, rows that :class:`lit_selfimprove.loggers.CSVLogger`
@@ -30,6 +33,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 class RunDirectoryInUse(RuntimeError):
     """Another live run owns the run directory."""
+
+
+class RunDirectoryNotFresh(RuntimeError):
+    """A fresh run (no checkpoint to resume) was given a directory that holds another run's outputs."""
 
 
 class RunDirectory(Callback):
@@ -119,6 +126,50 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def held_by_live_run(path: Path) -> bool:
+    """Whether the lock file ``path`` belongs to a live process (another host's lock counts as live)."""
+    owner = read_lock(path)
+    if not owner:
+        return path.exists()  # unreadable: someone is writing it
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname():
+        return True
+    return isinstance(pid, int) and pid != os.getpid() and _alive(pid)
+
+
+def check_fresh_run_directory(path: Path, lock_filename: str = "run.lock") -> None:
+    """Refuse to start a new run in ``path`` when it holds the outputs of another run.
+
+    A run given a fixed logger ``version`` (the usual way to name runs) writes into that directory
+    whatever is there: after a finished or crashed run it would append its PQ rows and metrics to the
+    old ones, overwrite the old teacher, or write ``last-v1.ckpt`` next to the old ``last.ckpt`` (so
+    a later ``--ckpt_path=last`` restores the old run). An empty directory, or one whose only entry
+    is the lock of a dead run, is fine. A live lock is left to :class:`RunDirectory`, which names its
+    owner.
+    """
+    if not path.is_dir():
+        return
+    lock = path / lock_filename
+    if lock.exists() and held_by_live_run(lock):
+        return
+    outputs = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir() if p.name != lock_filename)
+    if not outputs:
+        return
+    has_checkpoint = (path / "checkpoints").is_dir() and any((path / "checkpoints").glob("*.ckpt"))
+    shown = ", ".join(outputs[:6]) + (", ..." if len(outputs) > 6 else "")
+    raise RunDirectoryNotFresh(
+        f"{path} holds the outputs of another run ({shown}): a new run there would mix its metrics, PQ "
+        "rows, students and checkpoints with them. "
+        + (
+            "To continue that run, add --ckpt_path=last; "
+            if has_checkpoint
+            else "That run has no checkpoint, so it cannot be resumed; "
+        )
+        + "to start a new run, choose another logger version (--trainer.logger.init_args.version=...) "
+        "or save_dir, or delete the directory."
+    )
 
 
 def acquire_lock(path: Path, run_id: str) -> Path:
