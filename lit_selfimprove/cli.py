@@ -36,6 +36,7 @@ TOOLS = {
     "world": "lit_selfimprove.world",
     "sample-questions": "lit_selfimprove.sample_questions",
     "lm-eval": "lit_selfimprove.evaluation.lm_eval",
+    "gguf-to-hf": "lit_selfimprove.gguf",
     "memory-estimate": "lit_selfimprove.memory_estimate",
 }
 

@@ -53,13 +53,16 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """:func:`resolve` for a model or tokenizer, with ``~`` expanded.
+    """:func:`resolve` for a model or tokenizer, with ``~`` expanded; ``gguf:SPEC`` is converted to a
+    Hugging Face folder once and that folder's path returned (:mod:`lit_selfimprove.gguf`).
 
     Raises:
         FileNotFoundError: When ``name_or_path`` is a local path that does not exist (instead of the
             hub's "Repo id must be in the form ..." error).
     """
-    path = resolve(str(name_or_path))  # a pathlib.Path too
+    from lit_selfimprove.gguf import resolve_gguf
+
+    path = resolve(resolve_gguf(str(name_or_path)))  # a pathlib.Path too
     if looks_like_local_path(path):
         path = os.path.expanduser(path)
         if not os.path.exists(path):
