@@ -11,23 +11,50 @@ for a problem as soon as one sample is correct (it cannot be 0/k any more). Writ
 ``OUT.test.jsonl`` (a deterministic split, 50/50 by default) and ``OUT.summary.json``.
 Progress is appended to ``OUT.progress.jsonl`` after every batch, so an interrupted run
 resumes where it stopped; each chunk of problems is sampled with its own seed, so a resumed
-run gives the same result as an uninterrupted one.
+run gives the same result as an uninterrupted one. The progress file's first line records what
+the counts were sampled with (k, model, tokenizer, sampling settings, prompt, source and a digest
+of its problems): a run with other settings on the same ``--out`` is refused rather than reusing
+counts that mean something else (a k=16 run's progress is not a fail@128 set).
+
+Problems whose prompt plus ``--max-new-tokens`` does not fit the model's context are refused
+(file:line and lengths) before the model loads, or dropped and counted with ``--too-long skip``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lit_selfimprove.datamodules.problems import load_problems, split_problems
+from lit_selfimprove.cli_args import non_negative_float, non_negative_int, open_fraction, positive_int
+from lit_selfimprove.datamodules.problems import load_located_problems, split_problems
+from lit_selfimprove.datamodules.prompt_length import (
+    TOO_LONG_MODES,
+    check_prompt_lengths,
+    max_positions,
+    prompt_token_counter,
+)
+from lit_selfimprove.prompts import as_user_turn
 
 
-def _read_progress(path: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
+def records_digest(records: list[dict]) -> str:
+    """A digest of the problems in order (ids, questions, answers): the chunks and their seeds
+    depend on it."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r["id"], r["question"], r["answer"]]).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _read_progress(path: Path) -> tuple[dict | None, dict[str, dict]]:
+    """``(settings, {id: row})`` of a progress file (``(None, {})`` when there is none)."""
+    settings, done = None, {}
     if path.exists():
         with open(path) as f:
             for line in f:
@@ -38,7 +65,39 @@ def _read_progress(path: Path) -> dict[str, dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash: redo that problem
                     continue
-                done[row["id"]] = row
+                if "failk_settings" in row:
+                    settings = row["failk_settings"]
+                else:
+                    done[row["id"]] = row
+    return settings, done
+
+
+def _check_settings(path: Path, recorded: dict | None, done: dict, settings: dict) -> None:
+    """Refuse to resume from a progress file made with other settings (or that records none)."""
+    fresh = f"delete {path} to start fresh (its problems are sampled again), or choose another --out"
+    if recorded is None:
+        if done:
+            raise ValueError(
+                f"{path} holds {len(done)} problems' counts but no record of the k, model and sampling "
+                f"settings they were sampled with (made by an older failk), so they cannot be reused safely: {fresh}"
+            )
+        return
+    differ = [k for k in settings if recorded.get(k) != settings[k]]
+    if differ:
+        pairs = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings[k]!r} now" for k in differ)
+        raise ValueError(
+            f"{path} was made with other settings than this run ({pairs}); its counts would be reused as "
+            f"if they were this run's. Rerun with the recorded settings to resume it, or {fresh}"
+        )
+
+
+def _resume(path: Path, settings: dict) -> dict[str, dict]:
+    """The finished problems' rows of the progress file ``path`` made with ``settings``; a new file starts
+    with a line recording ``settings``. Raises ``ValueError`` for a file made otherwise."""
+    recorded, done = _read_progress(path)
+    _check_settings(path, recorded, done, settings)
+    if recorded is None:  # a new file (or one holding only a header line cut by a crash)
+        path.write_text(json.dumps({"failk_settings": settings}) + "\n")
     return done
 
 
@@ -58,29 +117,49 @@ def build_fail_at_k(
     test_fraction: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    model_name: str | None = None,
+    tokenizer_name: str | None = None,
+    source: str | None = None,
 ) -> dict:
-    """Sample, keep the 0/k problems, write the hard set and its split; return a summary."""
+    """Sample, keep the 0/k problems, write the hard set and its split; return a summary.
+
+    ``model_name`` / ``tokenizer_name`` (default: their ``name_or_path``) and ``source`` are recorded in
+    the progress file with the sampling settings: resuming with any of them changed raises ``ValueError``.
+    """
     from lit_selfimprove.generation import generate
     from lit_selfimprove.rewards.base import score_completions
 
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    for name, value in (
+        ("k", k),
+        ("problems_per_batch", problems_per_batch),
+        ("samples_per_round", samples_per_round),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     progress_path = out.with_name(out.name + ".progress.jsonl")
-    done = _read_progress(progress_path)
+    settings = {
+        "k": k,
+        "model": model_name or getattr(model, "name_or_path", None),
+        "tokenizer": tokenizer_name or getattr(tokenizer, "name_or_path", None),
+        "temperature": temperature,
+        "max_new_tokens": max_new_tokens,
+        "prompt_template": prompt_template,
+        "use_chat_template": use_chat_template,
+        "problems_per_batch": problems_per_batch,
+        "samples_per_round": samples_per_round,
+        "seed": seed,
+        "source": source,
+        "problems_digest": records_digest(records),
+    }
+    done = _resume(progress_path, settings)
     # Fixed chunks of the input order, each with its own seed: a resumed run redoes only the
     # unfinished chunks and samples exactly what an uninterrupted run would have.
     chunks = [records[i : i + problems_per_batch] for i in range(0, len(records), problems_per_batch)]
     todo = [(i, c) for i, c in enumerate(chunks) if any(r["id"] not in done for r in c)]
 
-    def prompt(q: str) -> str:
-        text = prompt_template.format(question=q)
-        if use_chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
+    prompt = functools.partial(_render, tokenizer, prompt_template, use_chat_template)
 
     bar = tqdm(
         total=len(records),
@@ -115,16 +194,50 @@ def build_fail_at_k(
             log.flush()
             bar.update(len(batch))
     bar.close()
-    return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed)
+    about = {"model": settings["model"], "source": source}
+    return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed, about=about)
+
+
+def _render(tokenizer, template: str, use_chat_template: bool, question: str) -> str:
+    """The student prompt of ``question``."""
+    return as_user_turn(tokenizer, template.format(question=question), use_chat_template)
+
+
+def _fitting_records(
+    records: list[dict],
+    origins: list[str],
+    model: str,
+    tokenizer,
+    render: Callable[[str], str],
+    max_new_tokens: int,
+    too_long: str,
+) -> list[dict]:
+    """``records`` whose prompt plus ``max_new_tokens`` fits ``model``'s context, checked from its config
+    before the model loads (minutes for a 3B model): ``too_long="error"`` raises naming file:line."""
+    limit = max_positions(model)
+    if limit is None:
+        return records
+    where = dict(zip((r["id"] for r in records), origins))
+    counter = prompt_token_counter(tokenizer, render)
+    return check_prompt_lengths(
+        records, counter, limit, max_new_tokens, too_long, origin=lambda r: where[r["id"]]
+    )
 
 
 def _write_hard_set(
-    out: Path, records: list[dict], done: dict[str, dict], k: int, test_fraction: float, seed: int
+    out: Path,
+    records: list[dict],
+    done: dict[str, dict],
+    k: int,
+    test_fraction: float,
+    seed: int,
+    about: dict | None = None,
 ) -> dict:
-    """Write the 0/k problems to ``out``, their train/test split and ``OUT.summary.json``; return the summary."""
+    """Write the 0/k problems to ``out``, their train/test split and ``OUT.summary.json`` (with ``about``:
+    the model and source); return the summary."""
     hard = [r for r in records if done[r["id"]]["correct"] == 0]
     _write(out, hard)
-    summary = {"problems": len(records), "hard": len(hard), "k": k, "source_seed": seed}
+    summary = {"problems": len(records), "hard": len(hard), "k": k, "source_seed": seed, **(about or {})}
     if len(hard) >= 2:
         train, test = split_problems(hard, test_fraction=test_fraction, seed=seed)
         _write(out.with_name(out.stem + ".train.jsonl"), train)
@@ -150,16 +263,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--format", default="auto")
     p.add_argument("--hub-split", default="test")
     p.add_argument("--out", required=True, help="output jsonl of the 0/k problems")
-    p.add_argument("--k", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--k", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024)
     p.add_argument("--prompt-template", default=None, help="student prompt with {question} (default: SOAR's)")
     p.add_argument("--use-chat-template", action="store_true")
-    p.add_argument("--problems-per-batch", type=int, default=8)
-    p.add_argument("--samples-per-round", type=int, default=32)
-    p.add_argument("--test-fraction", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    p.add_argument("--problems-per-batch", type=positive_int, default=8)
+    p.add_argument("--samples-per-round", type=positive_int, default=32)
+    p.add_argument("--test-fraction", type=open_fraction, default=0.5)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N problems")
+    p.add_argument("--too-long", choices=TOO_LONG_MODES, default="error",
+                   help="problems whose prompt + --max-new-tokens exceed the model's context: "
+                   "error (name them) or skip (drop and count them)")  # fmt: skip
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
@@ -170,9 +286,18 @@ def main(argv: list[str] | None = None) -> dict:
     from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT
     from lit_selfimprove.rewards import MathVerifyReward
 
-    records, skipped = load_problems(args.source, format=args.format, split=args.hub_split, limit=args.limit)
-    model = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
+    template = args.prompt_template or SOAR_STUDENT_PROMPT
+    if "{question}" not in template:
+        p.error("--prompt-template must contain a {question} field")
+    records, _, origins = load_located_problems(
+        args.source, format=args.format, split=args.hub_split, limit=args.limit
+    )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    render = functools.partial(_render, tokenizer, template, args.use_chat_template)
+    records = _fitting_records(
+        records, origins, args.model, tokenizer, render, args.max_new_tokens, args.too_long
+    )
+    model = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
     from lit_selfimprove.generation import GenerationConfig, attach_backend
 
     attach_backend(model, GenerationConfig(backend=args.backend))
@@ -180,9 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = build_fail_at_k(
             model, tokenizer, records, reward, Path(args.out), k=args.k, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template or SOAR_STUDENT_PROMPT,
+            max_new_tokens=args.max_new_tokens, prompt_template=template,
             use_chat_template=args.use_chat_template, problems_per_batch=args.problems_per_batch,
             samples_per_round=args.samples_per_round, test_fraction=args.test_fraction, seed=args.seed,
+            model_name=args.model, tokenizer_name=args.tokenizer or args.model, source=args.source,
         )  # fmt: skip
     finally:
         reward.close()

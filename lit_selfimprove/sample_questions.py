@@ -20,6 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lit_selfimprove.assets import resolve_model
+from lit_selfimprove.cli_args import non_negative_float, non_negative_int, positive_int, probability
+from lit_selfimprove.datamodules.prompt_length import (
+    check_prompt_lengths,
+    max_positions,
+    prompt_token_counter,
+)
 from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
 from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
@@ -56,6 +63,14 @@ def sample_questions(
     seed: int = 0,
 ) -> tuple[list[dict], dict]:
     """``num`` valid pairs by rejection sampling; returns ``(rows, summary)``."""
+    for name, value in (
+        ("num", num),
+        ("batch", batch),
+        ("max_new_tokens", max_new_tokens),
+        ("max_rounds", max_rounds),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     check = (lambda a: math_verify_parseable(a, timeout=2)) if answer_check == "math_verify" else None
     rows: list[dict] = []
@@ -95,30 +110,44 @@ def sample_questions(
     return rows, summary
 
 
+def _check_prompt_fits(prompt: str, tokenizer, model, max_new_tokens: int) -> None:
+    """Refuse a teacher prompt that, with ``max_new_tokens``, does not fit the model's context: it would
+    sample past the positions the model was trained on (slowly, and garbage), not fail."""
+    limit = max_positions(model)
+    if limit is not None:
+        check_prompt_lengths(
+            [{"question": prompt}], prompt_token_counter(tokenizer, str), limit, max_new_tokens,
+            origin=lambda r: "the teacher prompt (--prompt, or the checkpoint's)",
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="lit_selfimprove sample-questions", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="HF folder / hub id, or a TeacherMetaRL .ckpt")
     p.add_argument("--out", required=True, help="output jsonl")
-    p.add_argument("--num", type=int, default=256)
+    p.add_argument("--num", type=positive_int, default=256)
     p.add_argument("--prompt", default=None, help="teacher prompt (default: the checkpoint's)")
-    p.add_argument("--batch", type=int, default=64, help="completions per sampling round")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-rounds", type=int, default=100)
+    p.add_argument("--batch", type=positive_int, default=64, help="completions per sampling round")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--max-rounds", type=positive_int, default=100)
     p.add_argument("--answer-check", choices=["math_verify", "light"], default="math_verify")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
                    help="generation backend (vllm: a colocated vLLM engine)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.num < 1:
-        p.error("--num must be >= 1")
+    if not str(args.teacher).endswith(".ckpt"):
+        resolve_model(args.teacher)  # a missing local path: named now, before anything else
+    if args.prompt is None and not str(args.teacher).endswith(".ckpt"):  # before loading the teacher
+        p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")
     model, tokenizer, prompt = load_teacher(args.teacher, args.dtype)
-    attach_backend(model, GenerationConfig(backend=args.backend))
     prompt = args.prompt if args.prompt is not None else prompt
     if prompt is None:
-        p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")
+        p.error(f"{args.teacher} has no teacher_prompt hyper-parameter: pass --prompt")
+    _check_prompt_fits(prompt, tokenizer, model, args.max_new_tokens)
+    attach_backend(model, GenerationConfig(backend=args.backend))
     rows, summary = sample_questions(
         model,
         tokenizer,

@@ -20,10 +20,18 @@ from pathlib import Path
 import torch
 
 from lit_selfimprove.assets import ASSETS_DIR, build_char_tokenizer
+from lit_selfimprove.cli_args import non_negative_int, number, positive_int
 from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
 from lit_selfimprove.worlds.arithmetic import LEVELS, generate_problems, quick_correct
 
-__all__ = ["LEVELS", "level_accuracy", "main", "quick_correct", "teacher_stats", "world_level"]
+__all__ = [
+    "LEVELS",
+    "level_accuracy",
+    "main",
+    "quick_correct",
+    "teacher_stats",
+    "world_level",
+]
 _PAIR = re.compile(r"<question>(.*?)</question>[^<]*<answer>\s*\\boxed\{([^{}]*)\}\s*</answer>", re.S)
 
 
@@ -76,7 +84,7 @@ def teacher_stats(model, tokenizer, num: int = 200) -> dict:
 
 def world_level(text: str) -> int:
     """argparse type: a level of the tiny world."""
-    value = int(text)
+    value = number(text, int, lambda v: True, "a level (an integer)")
     if value not in LEVELS:
         raise argparse.ArgumentTypeError(
             f"no level {value}: the tiny world has levels {LEVELS[0]}-{LEVELS[-1]}"
@@ -140,18 +148,22 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--model", default="builtin:tiny-student")
     ev.add_argument("--role", choices=["student", "teacher"], default="student")
     ev.add_argument("--levels", type=world_level, nargs="+", default=[1, 2, 3, 4, 5])
-    ev.add_argument("--num", type=int, default=200)
-    ev.add_argument("--samples", type=int, default=0, help="also report mean accuracy of N samples at T=1")
+    ev.add_argument("--num", type=positive_int, default=200)
+    ev.add_argument(
+        "--samples", type=non_negative_int, default=0, help="also report mean accuracy of N samples at T=1"
+    )
     ex = sub.add_parser("export", help="write problems of some levels as id/question/answer jsonl")
     ex.add_argument("--levels", type=world_level, nargs="+", required=True)
-    ex.add_argument("--num", type=int, required=True)
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--num", type=positive_int, required=True)
+    ex.add_argument("--seed", type=non_negative_int, default=0)
     ex.add_argument("--out", required=True)
     bd = sub.add_parser("build", help="rebuild the bundled tokenizer, bases and hard set")
     bd.add_argument("--configs", default="configs/tiny")
     bd.add_argument("--out-dir", default=str(ASSETS_DIR))
-    bd.add_argument("--steps", type=int, default=None, help="override the pre-training steps (tests use few)")
-    bd.add_argument("--k", type=int, default=128)
+    bd.add_argument(
+        "--steps", type=positive_int, default=None, help="override the pre-training steps (tests use few)"
+    )
+    bd.add_argument("--k", type=positive_int, default=128)
     args = parser.parse_args(argv)
 
     if args.cmd == "eval":

@@ -525,3 +525,61 @@ def test_a_source_of_random_bytes_or_a_typo_names_the_file(tmp_path):
     # a typo'd local file is not tried as a hub id (which would fail after ~30 s without network)
     with pytest.raises(FileNotFoundError, match=r"data/hard.jsnol.*no such file"):
         load_problems("data/hard.jsnol")
+
+
+def test_located_records_name_their_file_and_line(tmp_path):
+    """Each record's file:line, past blank and skipped lines: for errors found after loading
+    (too-long prompts)."""
+    from lit_selfimprove.datamodules.problem_sources import load_located_problems
+
+    rows = [
+        {"id": "a", "question": "q1", "answer": "1"},
+        "",
+        "{not json",
+        {"id": "b", "question": "q2", "answer": "2"},
+    ]
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    records, skipped, origins = load_located_problems(str(path), skip_malformed=True)
+    assert [r["id"] for r in records] == ["a", "b"] and skipped == 1
+    assert origins == [f"{path}:1", f"{path}:4"]
+    zipped = tmp_path / "HARP.jsonl.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("HARD-Math.jsonl", path.read_text())
+    _, _, origins = load_located_problems(str(zipped), format="jsonl", skip_malformed=True)
+    assert origins == [f"{zipped}:HARD-Math.jsonl:1", f"{zipped}:HARD-Math.jsonl:4"]
+    dm = ProblemDataModule(
+        train_source=str(path), test_source=str(zipped), format="jsonl", skip_malformed=True
+    )
+    dm.setup("fit")
+    assert dm.origin(dm.train_records[1]) == f"{path}:4"
+    assert dm.origin(dm.test_records[1], "test") == f"{zipped}:HARD-Math.jsonl:4"
+
+
+def test_levels_keep_only_those_math_levels_before_the_split(tmp_path):
+    path = _need(MATH500)
+    raw = _raw_lines(path)
+    easy_ids = {r["unique_id"] for r in raw if r["level"] in (1, 2)}
+    dm = ProblemDataModule(train_source=str(path), levels=[1, 2], test_fraction=0.5, split_seed=0)
+    dm.setup("fit")
+    train_ids, test_ids = {r["id"] for r in dm.train_records}, {r["id"] for r in dm.test_records}
+    assert train_ids | test_ids == easy_ids and not train_ids & test_ids  # only levels 1-2, all of them
+    # the split is that of the filtered records (reproducible from them and the seed alone)
+    easy = [r for r in load_problems(str(path))[0] if r["id"] in easy_ids]
+    assert (dm.train_records, dm.test_records) == split_problems(easy, 0.5, seed=0)
+    # MATH's own "Level 3" strings work too; limit counts kept records
+    rows = [dict(r, level=f"Level {r['level']}") for r in raw[:40]]
+    records, _ = load_problems(str(_write_jsonl(tmp_path / "math.jsonl", rows)), levels=[3], limit=2)
+    assert [r["id"] for r in records] == [r["unique_id"] for r in raw[:40] if r["level"] == 3][:2]
+
+
+def test_levels_errors_name_the_problem(tmp_path):
+    rows = [{"id": f"p{i}", "question": f"q{i}", "answer": str(i)} for i in range(4)]
+    plain = _write_jsonl(tmp_path / "plain.jsonl", rows)
+    with pytest.raises(ValueError, match=r"plain\.jsonl:1.*no 'level' field"):
+        ProblemDataModule(train_source=str(plain), levels=[1]).setup("fit")
+    rated = _write_jsonl(tmp_path / "rated.jsonl", [dict(r, level=5) for r in rows])
+    with pytest.raises(ValueError, match=r"none has a level in \[1, 2\] \(levels in the source: 5\)"):
+        ProblemDataModule(train_source=str(rated), levels=[1, 2]).setup("fit")
+    for bad in ([], ["1"]):
+        with pytest.raises(ValueError, match="levels must be a non-empty list of ints"):
+            ProblemDataModule(train_source=str(rated), levels=bad)

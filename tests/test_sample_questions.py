@@ -54,3 +54,52 @@ def test_a_teacher_that_writes_no_valid_pairs_fails_with_its_validity(tiny_rando
             ["sample-questions", "--teacher", tiny_random_lm, "--prompt", "x", "--num", "4", "--batch", "4",
              "--max-new-tokens", "4", "--max-rounds", "2", "--out", str(tmp_path / "q.jsonl")]
         )  # fmt: skip
+
+
+@pytest.fixture()
+def no_teacher(monkeypatch):
+    """Loading the teacher fails the test: what is checked must be checked before it."""
+    import lit_selfimprove.sample_questions as tool
+
+    def load(*a, **kw):
+        raise AssertionError("the teacher was loaded before the arguments were checked")
+
+    monkeypatch.setattr(tool, "load_teacher", load)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max-new-tokens", "0", "an integer >= 1"),
+        ("--num", "0", "an integer >= 1"),
+        ("--batch", "-2", "an integer >= 1"),
+        ("--max-rounds", "0", "an integer >= 1"),
+        ("--temperature", "-1", "a number >= 0"),
+        ("--top-p", "0", "a number in (0, 1]"),
+        ("--top-p", "1.5", "a number in (0, 1]"),
+        ("--seed", "-1", "an integer >= 0"),
+    ],
+)
+def test_bad_numbers_are_refused_before_the_teacher_loads(
+    no_teacher, tmp_path, capsys, flag, value, expected
+):
+    argv = ["sample-questions", "--teacher", "t.ckpt", "--out", str(tmp_path / "q.jsonl"), flag, value]
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    assert f"argument {flag}: expected {expected}" in capsys.readouterr().err
+
+
+def test_a_folder_teacher_without_a_prompt_is_refused_before_it_loads(no_teacher, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["sample-questions", "--teacher", "some/folder", "--out", str(tmp_path / "q.jsonl")])
+    assert "--prompt is required" in capsys.readouterr().err
+
+
+def test_a_teacher_prompt_over_the_context_is_refused(tiny_random_lm, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"the teacher prompt .*: the prompt is 301 tokens.*max_position_embeddings=256"
+    ):
+        cli_main(
+            ["sample-questions", "--teacher", tiny_random_lm, "--prompt", "x" * 300, "--num", "4",
+             "--max-new-tokens", "16", "--out", str(tmp_path / "q.jsonl")]
+        )  # fmt: skip

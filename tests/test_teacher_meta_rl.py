@@ -378,6 +378,8 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
         ({"keep_median_students": "maybe"}, "keep_median_students"),
         # a promotion installs a kept student: without any, the first promotion (hours in) would fail
         ({"keep_median_students": False}, "keep_median_students=False keeps none"),
+        # a real model's prompt says \\boxed{}: str.format would fail at the first step, after loading
+        ({"prompt_template": "Q: {question}\\nPut the answer in \\\\boxed{}."}, "braces doubled"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):

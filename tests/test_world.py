@@ -156,3 +156,35 @@ def test_the_main_job_soar_yaml_runs_end_to_end(tmp_path):
     assert len(pq) == 12 * len(students)  # one dataset of n = 12 pairs per promotion
     assert all((s / "model.safetensors").exists() for s in students)
     assert "promotion_questions.jsonl" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["eval", "--num", "0"], "argument --num: expected an integer >= 1, got 0"),
+        (["eval", "--samples", "-1"], "argument --samples: expected an integer >= 0, got -1"),
+        (["eval", "--levels", "two"], "argument --levels: expected a level (an integer), got 'two'"),
+        (
+            ["export", "--levels", "1", "--num", "0", "--out", "x.jsonl"],
+            "argument --num: expected an integer >= 1",
+        ),
+        (["export", "--levels", "1", "--num", "3", "--seed", "-1", "--out", "x.jsonl"], "argument --seed"),
+        (["build", "--k", "0"], "argument --k: expected an integer >= 1, got 0"),
+        (["build", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_when_parsed(monkeypatch, capsys, argv, expected):
+    """`world eval --num 0` was a bare ZeroDivisionError after the model loaded."""
+    import lit_selfimprove.modeling
+    import lit_selfimprove.world as world
+
+    def ran(*a, **kw):
+        raise AssertionError("the command ran before its arguments were checked")
+
+    # a regression fails fast instead of loading models or rebuilding the bundled assets
+    monkeypatch.setattr(lit_selfimprove.modeling, "load_causal_lm", ran)
+    for name in ("build", "_write_jsonl", "level_accuracy", "teacher_stats"):
+        monkeypatch.setattr(world, name, ran)
+    with pytest.raises(SystemExit):
+        world.main(argv)
+    assert expected in capsys.readouterr().err

@@ -28,7 +28,14 @@ from lit_selfimprove.assets import resolve
 from lit_selfimprove.datamodules.readers import Malformed, decode_utf8, iter_lines, parse_json
 from lit_selfimprove.rewards.answers import extract_boxed
 
-__all__ = ["PROBLEM_FORMATS", "load_problems", "looks_like_file", "split_problems"]
+__all__ = [
+    "PROBLEM_FORMATS",
+    "check_levels",
+    "load_located_problems",
+    "load_problems",
+    "looks_like_file",
+    "split_problems",
+]
 
 PROBLEM_FORMATS = ("auto", "math", "harp", "olympiadbench", "jsonl", "hub")
 
@@ -220,6 +227,39 @@ def looks_like_file(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or (suffix.isalpha() and len(suffix) <= 5)
 
 
+_LEVEL_RE = re.compile(r"^(?:level\s*)?([0-9]+)$", re.IGNORECASE)
+
+
+def check_levels(levels: Sequence[int] | None) -> list[int] | None:
+    """Validated MATH difficulty levels to keep (None: all records); raises on an empty or non-int list."""
+    if levels is None:
+        return None
+    levels = list(levels)
+    if not levels or not all(isinstance(lv, int) and not isinstance(lv, bool) for lv in levels):
+        raise ValueError(f"levels must be a non-empty list of ints (MATH levels 1-5) or None, got {levels!r}")
+    return levels
+
+
+def _record_level(raw: dict, origin: str) -> int | None:
+    """A raw record's MATH ``level`` (``3``, ``"3"`` or MATH's ``"Level 3"``); None for an unrated
+    ``"Level ?"``. Raises ``ValueError`` naming the record when the field is missing: filtering by level
+    is then a configuration mistake (not a malformed record), and must not silently keep or drop all."""
+    if "level" not in raw:
+        raise ValueError(
+            f"{origin}: levels= is set but the record has no 'level' field; filter by level only MATH / "
+            "MATH-500 records (level 1-5), or remove levels"
+        )
+    value = raw["level"]
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    match = _LEVEL_RE.match(str(value).strip())
+    return int(match.group(1)) if match else None
+
+
 def _source_rows(
     source: str, fmt: str, split: str | None
 ) -> tuple[str, Iterator[tuple[str, int, Any]], str, Callable[[int], str]]:
@@ -247,8 +287,41 @@ def load_problems(
     split: str | None = None,
     skip_malformed: bool = False,
     limit: int | None = None,
+    levels: Sequence[int] | None = None,
 ) -> tuple[list[dict[str, str]], int]:
-    """Load a problem set as records ``{"id": str, "question": str, "answer": str}``.
+    """Load a problem set as records ``{"id": str, "question": str, "answer": str}``:
+    ``(records, n_skipped)``.
+
+    See :func:`load_located_problems` for the arguments and errors (it also returns each record's file:line).
+    """
+    records, n_skipped, _ = load_located_problems(
+        source, format, question_field, answer_field, id_field, split, skip_malformed, limit, levels
+    )
+    return records, n_skipped
+
+
+def _origin(source: str, where: str, unit: str, number: int) -> str:
+    """``path:line`` of a file record (``where`` is the file's name, ``archive.zip:member`` for a zip),
+    ``dataset row N`` of a hub record."""
+    if unit == "row":
+        return f"{where} row {number}"
+    return f"{Path(source).parent / where}:{number}"
+
+
+def load_located_problems(
+    source: str,
+    format: str = "auto",
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    split: str | None = None,
+    skip_malformed: bool = False,
+    limit: int | None = None,
+    levels: Sequence[int] | None = None,
+) -> tuple[list[dict[str, str]], int, list[str]]:
+    """Load a problem set as records ``{"id": str, "question": str, "answer": str}``, with where each came
+    from: ``origins[i]`` is the ``file:line`` of ``records[i]`` (``dataset row N`` for a hub dataset), so
+    that a problem found unusable after loading (e.g. a prompt too long for the model) can be named.
 
     Args:
         source: A jsonl file, HARP's zip, a local dataset folder or a Hugging Face dataset id.
@@ -264,14 +337,17 @@ def load_problems(
         split: Dataset split for the hub format (ignored for files).
         skip_malformed: Skip (and count) malformed records instead of raising.
         limit: Keep at most this many records (the first ones in file order).
+        levels: Keep only the records whose MATH ``level`` (``3``, ``"3"`` or ``"Level 3"``) is in this list
+            (None: all). Filtered at load time because the plain records carry no level; ``limit`` counts
+            the kept records only.
 
     Returns:
-        ``(records, n_skipped)``.
+        ``(records, n_skipped, origins)``.
 
     Raises:
         ValueError: On a malformed record (invalid JSON, not an object, missing or empty question/answer,
-            duplicate id) naming the file and its 1-based line number, unless ``skip_malformed``; and
-            always when no record is left.
+            duplicate id) naming the file and its 1-based line number, unless ``skip_malformed``; when
+            ``levels`` is set and a record has no ``level`` field; and always when no record is left.
         FileNotFoundError: When ``source`` does not exist and does not look like a hub id.
     """
     if format not in PROBLEM_FORMATS:
@@ -279,14 +355,17 @@ def load_problems(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     source = str(source)
+    levels = check_levels(levels)
     fields = (question_field, answer_field, id_field)
     source = resolve(source)  # builtin:NAME -> the bundled file
     fmt = _detect_format(source) if format == "auto" else format
 
     kind, rows, unit, fallback = _source_rows(source, fmt, split)
     records: list[dict[str, str]] = []
+    origins: list[str] = []
     seen: dict[str, int] = {}
     n_skipped = 0
+    seen_levels: set[int | None] = set()
     for where, number, raw in rows:
         try:
             if isinstance(raw, Malformed):
@@ -300,14 +379,29 @@ def load_problems(
             n_skipped += 1
             continue
         seen[record["id"]] = number
+        if levels is not None:
+            level = _record_level(raw, _origin(source, where, unit, number))
+            seen_levels.add(level)
+            if level not in levels:
+                continue
         records.append(record)
+        origins.append(_origin(source, where, unit, number))
         if limit is not None and len(records) >= limit:
             break
     if not records:
         raise ValueError(
             f"no problems loaded from {source!r} (format {fmt!r}, {n_skipped} malformed skipped)"
+            + _levels_note(levels, seen_levels)
         )
-    return records, n_skipped
+    return records, n_skipped, origins
+
+
+def _levels_note(levels: list[int] | None, seen_levels: set[int | None]) -> str:
+    """What the level filter saw, for the "nothing loaded" error."""
+    if levels is None or not seen_levels:
+        return ""
+    seen = sorted(str(lv) if lv is not None else "unrated" for lv in seen_levels)
+    return f": none has a level in {levels} (levels in the source: {', '.join(seen)})"
 
 
 def split_problems(

@@ -6,6 +6,7 @@ The record loaders (MATH, HARP, OlympiadBench, generic jsonl, hub datasets; form
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,10 +17,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lit_selfimprove.datamodules.problem_sources import (
     PROBLEM_FORMATS,
+    check_levels,
+    load_located_problems,
     load_problems,
     looks_like_file,
     split_problems,
 )
+from lit_selfimprove.datamodules.prompt_length import check_prompt_lengths, check_too_long_mode
 from lit_selfimprove.distributed import world
 
 __all__ = [
@@ -164,6 +168,16 @@ class ProblemDataModule(LightningDataModule):
             ``curriculum`` (the first ``curriculum_steps`` batches from the extra problems only, then
             the training problems only: SOAR-PQ on MATH, 64 steps).
         curriculum_steps: N, the number of batches on the extra sources with ``extra_order: curriculum``.
+        too_long: What to do with a problem whose prompt plus the generation budget does not fit the
+            model's context (``max_position_embeddings``), checked once when fitting starts (by a module
+            that calls :meth:`check_prompt_lengths`: StudentRLVR, TeacherMetaRL): ``error`` (default)
+            raises naming its file:line, its prompt tokens and the limit; ``skip`` drops such problems
+            and warns with their count and the longest.
+        levels: Keep only the problems whose MATH ``level`` is in this list (e.g. ``[1, 2]`` for MATH-500's
+            easiest, the ones a 135M model can solve at all); None keeps all. Applied to ``train_source``
+            and ``test_source`` when loading, so before the train/test split: the split is then a pure
+            function of (the kept records, ``split_seed``). Not applied to ``extra_train_sources`` (PQ
+            files carry no level). A record without a ``level`` field, or no record left, raises.
 
     Training batches come from a :class:`ProblemStream`: every batch holds exactly ``batch_size``
     problems (SOAR's |Q_R| is the same every outer step), batch ``k`` depends only on
@@ -193,12 +207,16 @@ class ProblemDataModule(LightningDataModule):
         extra_train_sources: list[str] | None = None,
         extra_order: str = "mixed",
         curriculum_steps: int = 64,
+        too_long: str = "error",
+        levels: list[int] | None = None,
     ) -> None:
         super().__init__()
+        levels = check_levels(levels)
         if extra_order not in ("mixed", "curriculum"):
             raise ValueError(f"extra_order must be 'mixed' or 'curriculum', got {extra_order!r}")
         if curriculum_steps < 1:
             raise ValueError(f"curriculum_steps must be >= 1, got {curriculum_steps}")
+        check_too_long_mode(too_long)
         if train_source is None and test_source is None:
             raise ValueError("ProblemDataModule needs train_source and/or test_source")
         if format not in PROBLEM_FORMATS:
@@ -229,13 +247,18 @@ class ProblemDataModule(LightningDataModule):
         self.extra_train_sources = list(extra_train_sources or [])
         self.extra_order = extra_order
         self.curriculum_steps = curriculum_steps
+        self.too_long = too_long
+        self.levels = levels
         self.num_extra = 0
         self.train_records: list[dict[str, str]] = []
         self.test_records: list[dict[str, str]] = []
+        # record id -> "file:line", per set (a train and a test file may share ids)
+        self._origins: dict[str, dict[str, str]] = {"train": {}, "test": {}}
         self._loaded = False
 
-    def _load(self, source: str) -> list[dict[str, str]]:
-        records, n_skipped = load_problems(
+    def _load(self, source: str) -> tuple[list[dict[str, str]], dict[str, str]]:
+        """``(records, {id: file:line})`` of one source."""
+        records, n_skipped, origins = load_located_problems(
             source,
             format=self.format,
             question_field=self.question_field,
@@ -243,17 +266,22 @@ class ProblemDataModule(LightningDataModule):
             id_field=self.id_field,
             split=self.hub_split,
             skip_malformed=self.skip_malformed,
+            levels=self.levels,
         )
+        at_levels = f" at levels {self.levels}" if self.levels is not None else ""
         rank_zero_info(
-            f"ProblemDataModule: loaded {len(records)} problems from {source} ({n_skipped} skipped)"
+            f"ProblemDataModule: loaded {len(records)} problems{at_levels} from {source} ({n_skipped} skipped)"
         )
-        return records
+        return records, {r["id"]: where for r, where in zip(records, origins)}
 
     def setup(self, stage: str | None = None) -> None:
         if not self._loaded:
-            train = self._load(self.train_source) if self.train_source is not None else []
+            train, train_origins = (
+                self._load(self.train_source) if self.train_source is not None else ([], {})
+            )
+            test_origins = train_origins
             if self.test_source is not None:
-                test = self._load(self.test_source)
+                test, test_origins = self._load(self.test_source)
                 overlap = {r["id"] for r in train} & {r["id"] for r in test}
                 if overlap and self.test_source != self.train_source:
                     rank_zero_warn(
@@ -270,13 +298,19 @@ class ProblemDataModule(LightningDataModule):
                 test = list(train)
             extra = []
             for source in self.extra_train_sources:
-                records, n_skipped = load_problems(source, format="auto", skip_malformed=self.skip_malformed)
-                for i, r in enumerate(records):  # PQ files have no ids: make them unique
+                records, n_skipped, origins = load_located_problems(
+                    source, format="auto", skip_malformed=self.skip_malformed
+                )
+                for i, (r, where) in enumerate(
+                    zip(records, origins)
+                ):  # PQ files have no ids: make them unique
                     r["id"] = f"{Path(source).stem}:{i}:{r['id']}"
+                    train_origins[r["id"]] = where
                 rank_zero_info(f"ProblemDataModule: {len(records)} extra training problems from {source}")
                 extra.extend(records)
             self.num_extra = len(extra)
             self.train_records, self.test_records = extra + train, test
+            self._origins = {"train": train_origins, "test": test_origins}
             self._loaded = True
             rank_zero_info(
                 f"ProblemDataModule: {len(self.train_records)} train / {len(self.test_records)} test problems"
@@ -284,6 +318,47 @@ class ProblemDataModule(LightningDataModule):
             )
         if stage == "fit" and not self.train_records:
             raise ValueError("ProblemDataModule: fitting needs a train_source with at least one problem")
+
+    def origin(self, record: dict[str, str], part: str = "train") -> str:
+        """Where a ``part`` (``train`` / ``test``) record came from: ``file:line``, else its id."""
+        return self._origins[part].get(record["id"]) or f"problem {record['id']!r}"
+
+    def check_prompt_lengths(
+        self,
+        prompt_tokens: Callable[[list[str]], list[int]],
+        max_positions: int,
+        max_new_tokens: int,
+        eval_max_new_tokens: int | None = None,
+    ) -> None:
+        """Refuse (``too_long="error"``) or drop (``"skip"``) the problems whose prompt, counted in tokens by
+        ``prompt_tokens``, plus the generation budget does not fit ``max_positions``: the training problems
+        with ``max_new_tokens``, the test (and so validation) problems with ``eval_max_new_tokens``
+        (default: the same). Called once by a module at fit start, before any dataloader is built; see
+        :mod:`~lit_selfimprove.datamodules.prompt_length`."""
+        if not self._loaded:
+            raise RuntimeError("ProblemDataModule: call setup() before check_prompt_lengths()")
+        parts = (
+            ("train", self.train_records, max_new_tokens),
+            ("test", self.test_records, eval_max_new_tokens or max_new_tokens),
+        )
+        for part, records, budget in parts:
+            if not records:
+                continue
+            kept = check_prompt_lengths(
+                records,
+                prompt_tokens,
+                max_positions,
+                budget,
+                self.too_long,
+                origin=functools.partial(self.origin, part=part),
+                what=f"{'training' if part == 'train' else 'test'} problems",
+            )
+            if part == "train":
+                extra = {id(r) for r in self.train_records[: self.num_extra]}
+                self.num_extra = sum(id(r) in extra for r in kept)
+                self.train_records = kept
+            else:
+                self.test_records = kept
 
     @property
     def val_records(self) -> list[dict[str, str]]:

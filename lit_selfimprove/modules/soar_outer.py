@@ -10,6 +10,7 @@ import torch
 
 from lit_selfimprove.modules._shared import check_at_least_one, check_optimizer
 from lit_selfimprove.modules.median_students import save_student
+from lit_selfimprove.prompts import check_student_prompt
 from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
@@ -203,8 +204,7 @@ class MedianStudents:
 
 def check_soar_hparams(hp, inner: InnerConfig) -> None:
     """``ValueError`` for TeacherMetaRL's invalid arguments (``hp``: its hyper-parameters)."""
-    if "{question}" not in hp.prompt_template:
-        raise ValueError("prompt_template must contain a '{question}' field")
+    check_student_prompt(hp.prompt_template)  # '{question}' and no single braces (\\boxed{})
     if hp.teacher_reward not in TEACHER_REWARDS:
         raise ValueError(f"teacher_reward must be one of {TEACHER_REWARDS}, got {hp.teacher_reward!r}")
     if hp.answer_check not in ANSWER_CHECKS:

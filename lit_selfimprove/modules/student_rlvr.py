@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from lightning import LightningModule
 
+from lit_selfimprove.datamodules.prompt_length import check_datamodule_prompts
 from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.metrics import PassAtK
@@ -44,7 +45,7 @@ from lit_selfimprove.modules._shared import (
     sampling_generator,
     write_samples,
 )
-from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, as_user_turn
+from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, as_user_turn, check_student_prompt
 from lit_selfimprove.rewards.base import pop_reward_stats, score_completions
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
 
@@ -142,8 +143,7 @@ class StudentRLVR(LightningModule):
         check_optimizer(optimizer)
         check_quantization(ref_quantization)
         check_lora(lora, ref_quantization, model=model)
-        if "{question}" not in prompt_template:
-            raise ValueError("prompt_template must contain a '{question}' field")
+        check_student_prompt(prompt_template)
         self.rl = (
             RLVRConfig(**rl) if isinstance(rl, dict) else rl or RLVRConfig()
         )  # a dict: from hparams.yaml
@@ -171,6 +171,15 @@ class StudentRLVR(LightningModule):
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("StudentRLVR", self.policy)
+        # before step 0: a prompt over the context would generate past it for minutes, not fail
+        check_datamodule_prompts(
+            self.trainer,
+            self.tokenizer,
+            self.format_prompt,
+            self.policy,
+            self.rl.max_new_tokens,
+            self.hparams.val_max_new_tokens,
+        )
 
     @property
     def ref_model(self) -> torch.nn.Module | None:

@@ -47,6 +47,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_selfimprove.datamodules.prompt_length import check_datamodule_prompts
 from lit_selfimprove.distributed import broadcast_object, gather_objects, seeded_generator, world
 from lit_selfimprove.generation import GenerationConfig, Rollouts, attach_backend, generate
 from lit_selfimprove.loops import soar as soar_loops
@@ -324,6 +325,10 @@ class TeacherMetaRL(LightningModule):
 
     def on_fit_start(self) -> None:
         warn_if_half_trainable("TeacherMetaRL", self.teacher, self.student)
+        budget = self.hparams.eval_max_new_tokens or self.inner_rl.max_new_tokens  # greedy_accuracy's
+        check_datamodule_prompts(
+            self.trainer, self.student_tokenizer, self.format_student_prompt, self.student, budget
+        )
         if self.hparams.keep_median_students == "disk" and self.hparams.teacher_reward == "grounded":
             folder = StudentFolder.of_run(self._trainer, self.hparams.get("median_students_dir"))
             self._median_dir = folder.prepare()  # a folder that cannot be written fails now, not hours in
