@@ -63,6 +63,15 @@ class Architecture:
     tie_embeddings: bool
     params: int | None = None  # counted from the sizes when not given
 
+    @classmethod
+    def of(cls, layers, hidden, heads, intermediate, vocab, kv_heads=None, head_dim=None,
+           tie_embeddings=False, params=None) -> Architecture:  # fmt: skip
+        """An architecture whose unset ``kv_heads`` / ``head_dim`` take the usual defaults
+        (multi-head attention, ``hidden // heads``), as transformers' configs do."""
+        return cls(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads or heads,
+                   head_dim=head_dim or hidden // heads, intermediate=intermediate, vocab=vocab,
+                   tie_embeddings=bool(tie_embeddings), params=params)  # fmt: skip
+
     @property
     def num_params(self) -> int:
         """Parameters of a Llama-architecture model: embeddings (+ an untied head), per layer the
@@ -97,16 +106,15 @@ def architecture_from_config_json(path: str) -> Architecture:
     with open(path) as f:
         cfg = json.load(f)
     cfg = cfg.get("text_config", cfg)
-    heads = cfg["num_attention_heads"]
-    return Architecture(
+    return Architecture.of(
         layers=cfg["num_hidden_layers"],
         hidden=cfg["hidden_size"],
-        heads=heads,
-        kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        heads=cfg["num_attention_heads"],
         intermediate=cfg["intermediate_size"],
         vocab=cfg["vocab_size"],
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        kv_heads=cfg.get("num_key_value_heads"),
+        head_dim=cfg.get("head_dim"),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
 
 
@@ -130,18 +138,8 @@ def resolve_architecture(model: str, overrides: dict) -> Architecture:
                 f"{sorted(KNOWN_ARCHITECTURES)}; give its sizes: {' '.join(missing)} (and --kv-heads, "
                 "--head-dim, --tie-embeddings where they differ from the defaults)"
             )
-        heads = overrides["heads"]
-        arch = Architecture(
-            layers=overrides["layers"],
-            hidden=overrides["hidden"],
-            heads=heads,
-            kv_heads=overrides.get("kv_heads") or heads,
-            head_dim=overrides.get("head_dim") or overrides["hidden"] // heads,
-            intermediate=overrides["intermediate"],
-            vocab=overrides["vocab"],
-            tie_embeddings=bool(overrides.get("tie_embeddings")),
-            params=overrides.get("params"),
-        )
+        names = (*fields, "kv_heads", "head_dim", "tie_embeddings", "params")
+        arch = Architecture.of(**{f: overrides.get(f) for f in names})
     return replace(arch, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
                    help="generation backend (vllm: a colocated vLLM engine)")  # fmt: skip
     args = p.parse_args(argv)
-    if not str(args.teacher).endswith(".ckpt"):
-        resolve_model(args.teacher)  # a missing local path: named now, before anything else
-    if args.prompt is None and not str(args.teacher).endswith(".ckpt"):  # before loading the teacher
-        p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")
+    if not str(args.teacher).endswith(".ckpt"):  # before loading the teacher
+        resolve_model(args.teacher)  # a missing local path: named first
+        if args.prompt is None:
+            p.error("--prompt is required when --teacher is a model folder (a .ckpt carries its own)")
     model, tokenizer, prompt = load_teacher(args.teacher, args.dtype)
     prompt = args.prompt if args.prompt is not None else prompt
     if prompt is None:
