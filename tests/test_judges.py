@@ -77,6 +77,8 @@ def section(prompt: str, name: str) -> str:
         ("My first answer: Option 2.\nOn reflection the first one is better.\nOption 1", 1.0),
         ("I prefer option 1 because it keeps the topic.", 1.0),
         ("Answer: (Option 2)", 0.0),
+        ('Option 1:\nThe correct answer is "Option 1."', 1.0),  # SmolLM2-135M's form after judge GRPO
+        ("Option 1: The cat sat on the mat.\nAnswer: Option 2", 0.0),
         # unclear: must be None
         ("", None),
         ("I cannot decide.", None),
@@ -90,6 +92,10 @@ def section(prompt: str, name: str) -> str:
         ("Option 3", None),
         ("Option 1.5", None),
         ("The first one.", None),
+        # an option's text copied back with its label (SmolLM2-135M as judge): not a verdict
+        ("Option 1: Alice moved to Paris in 1990 and", None),
+        ("**Option 2:** he likes red.", None),
+        ("[Option 1]: The cat sat.", None),
     ],
 )
 def test_parse_pairwise(text, expected):

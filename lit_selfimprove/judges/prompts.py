@@ -150,6 +150,9 @@ _PAIRWISE_MARKED_RE = re.compile(
 _NEGATED_RE = re.compile(r"\b(?:neither|nor|not)\b[\s*_`\"']*option|\bneither\b", re.IGNORECASE)
 # a verdict that is followed by an alternative ("Option 1 or Option 2", "Option 1/2") is an echo
 _ALTERNATIVE_AFTER = re.compile(r"\s*(?:/|\bor\b|\|)", re.IGNORECASE)
+# a line that opens with "Option 1:" and goes on with text labels an option's content (the prompt's
+# "[Option 1]" block copied back, as SmolLM2-135M does), it is not a verdict for that option
+_OPTION_LABEL_RE = re.compile(rf"{_DECO}{_OPTION}{_DECO}:[ \t]*\S", re.IGNORECASE)
 
 
 def _last_line_option(text: str) -> tuple[int, float | None]:
@@ -162,7 +165,12 @@ def _last_line_option(text: str) -> tuple[int, float | None]:
         if not found:
             continue
         numbers = {m.group(1) for m in found}
-        if len(numbers) > 1 or _NEGATED_RE.search(line) or _ALTERNATIVE_AFTER.match(line, found[-1].end()):
+        if (
+            len(numbers) > 1
+            or _NEGATED_RE.search(line)
+            or _ALTERNATIVE_AFTER.match(line, found[-1].end())
+            or _OPTION_LABEL_RE.match(line)
+        ):
             return pos, None
         return pos, 1.0 if numbers == {"1"} else 0.0
     return -1, None
@@ -173,8 +181,8 @@ def parse_pairwise(text: str | None) -> float | None:
 
     Two kinds of verdict count: a marked one ("Answer: Option 2", "Final verdict: **Option 1**",
     the last such) and the last line that names an option, which must name exactly one of them,
-    not negated ("not Option 1", "neither") and not as one of two alternatives ("Option 1 or
-    Option 2"). The later of the two wins; an unclear last line does not override a marked
+    not negated ("not Option 1", "neither"), not as one of two alternatives ("Option 1 or
+    Option 2") and not as the label of a copied option ("Option 1: The cat sat ..."). The later of the two wins; an unclear last line does not override a marked
     verdict.
     """
     if not isinstance(text, str):
