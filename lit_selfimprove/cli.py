@@ -38,6 +38,7 @@ TOOLS = {
     "lm-eval": "lit_selfimprove.evaluation.lm_eval",
     "gguf-to-hf": "lit_selfimprove.gguf",
     "memory-estimate": "lit_selfimprove.memory_estimate",
+    "math500-mc": "lit_selfimprove.evaluation.tasks.math500_mc",
 }
 
 
