@@ -96,6 +96,7 @@ def section(prompt: str, name: str) -> str:
         ("Option 1: Alice moved to Paris in 1990 and", None),
         ("**Option 2:** he likes red.", None),
         ("[Option 1]: The cat sat.", None),
+        ("Option 1:\n\nI've got a 500gb internal", None),
     ],
 )
 def test_parse_pairwise(text, expected):

@@ -150,9 +150,9 @@ _PAIRWISE_MARKED_RE = re.compile(
 _NEGATED_RE = re.compile(r"\b(?:neither|nor|not)\b[\s*_`\"']*option|\bneither\b", re.IGNORECASE)
 # a verdict that is followed by an alternative ("Option 1 or Option 2", "Option 1/2") is an echo
 _ALTERNATIVE_AFTER = re.compile(r"\s*(?:/|\bor\b|\|)", re.IGNORECASE)
-# a line that opens with "Option 1:" and goes on with text labels an option's content (the prompt's
-# "[Option 1]" block copied back, as SmolLM2-135M does), it is not a verdict for that option
-_OPTION_LABEL_RE = re.compile(rf"{_DECO}{_OPTION}{_DECO}:[ \t]*\S", re.IGNORECASE)
+# a line that opens with "Option 1:" labels an option's content (the prompt's "[Option 1]" block
+# copied back, on that line or the next, as SmolLM2-135M does): it is not a verdict for that option
+_OPTION_LABEL_RE = re.compile(rf"{_DECO}{_OPTION}{_DECO}:", re.IGNORECASE)
 
 
 def _last_line_option(text: str) -> tuple[int, float | None]:
