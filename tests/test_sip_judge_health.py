@@ -90,3 +90,50 @@ def test_healthy_judge_does_not_warn(tiny_random_lm, tmp_path):
     caught: list[str] = []
     trainer = _fit(module, tmp_path, 3, caught)
     assert trainer.global_step == 3 and caught == []
+
+
+class RecordingBackend(ScriptedBackend):
+    """A scripted backend that keeps each call's raw replies (``replies[call][prompt]``)."""
+
+    def __init__(self, answer):
+        super().__init__(answer)
+        self.replies: list[list[str]] = []
+
+    def complete(self, prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=256):
+        out = super().complete(prompts, n, temperature, top_p, max_tokens)
+        self.replies.append([a for row in out for a in row])
+        return out
+
+
+def test_parse_rate_is_logged_every_step_and_equals_the_share_of_parsed_replies(tiny_random_lm, tmp_path):
+    from lit_selfimprove.judges.prompts import parse_factuality, parse_pairwise
+
+    counter = iter(range(10**6))
+    # every third pairwise reply, every second factuality reply is not a verdict
+    pairwise = RecordingBackend(lambda p, k: TURTLES if next(counter) % 3 == 0 else "Option 2")
+    facts = RecordingBackend(lambda p, k: TURTLES if next(counter) % 2 else "FINAL VERDICT: NO HALLUCINATION")
+    judge = CombinedJudge(quality=LLMPairwiseJudge(pairwise), factuality=LLMFactualityJudge(facts))
+    module = SuffixPolicyDPO(
+        tiny_random_lm,
+        judge=judge,
+        num_rollouts=2,
+        warmup_steps=0,
+        log_samples_every=0,
+        fail_after_steps=None,
+    )
+    caught: list[str] = []
+    trainer = _fit(module, tmp_path, 3, caught)
+    metrics = _metrics(trainer)
+    assert len(pairwise.replies) == len(facts.replies) == 3  # one call per judge and step
+    expected, expected_q, expected_f = [], [], []
+    for q, f in zip(pairwise.replies, facts.replies):
+        ok_q = sum(parse_pairwise(r) is not None for r in q)
+        ok_f = sum(parse_factuality(r) is not None for r in f)
+        expected.append((ok_q + ok_f) / (len(q) + len(f)))
+        expected_q.append(ok_q / len(q))
+        expected_f.append(ok_f / len(f))
+    assert 0 < min(expected) and max(expected) < 1  # a mix: not the trivial all / nothing
+    assert metrics["judge/parse_rate"] == pytest.approx(expected)
+    assert metrics["judge/quality_parse_rate"] == pytest.approx(expected_q)
+    assert metrics["judge/factuality_parse_rate"] == pytest.approx(expected_f)
+    assert trainer.progress_bar_metrics["parse_rate"] == pytest.approx(expected[-1])

@@ -12,7 +12,9 @@ also when every prefix of the step is skipped and nothing is updated):
 5. loss: DPO on (chosen, rejected) against a frozen reference, or RF-NLL on chosen;
 6. manual backward, gradient clipping, optimizer and LR-scheduler step;
 7. a judge whose verdicts are mostly unparseable, or that leaves most prefixes skipped, is
-   reported on the console and, when it lasts, stops the run (``fail_after_steps``).
+   reported on the console and, when it lasts, stops the run (``fail_after_steps``). The share
+   of parseable verdicts is logged every step: ``judge/parse_rate`` (summed over ranks; also
+   ``parse_rate`` on the progress bar) and ``judge/<component>_parse_rate`` (this rank's).
 
 Batches come from a prefix-suffix data module: ``prefix_ids`` / ``prefix_mask`` ``[B, P]``
 LEFT-padded, ``suffix_ids`` / ``suffix_mask`` ``[B, N]`` RIGHT-padded, and the lists
@@ -416,6 +418,10 @@ class SuffixPolicyDPO(LightningModule):
         hp = self.hparams
         judged = [float(scores.stats.get("unparseable", 0)), float(scores.stats.get("calls", 0))]
         bad, calls = all_reduce_sum(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
+        if calls > 0:  # the share of parseable verdicts, every step (and on the progress bar)
+            rate, rows = 1.0 - bad / calls, len(scores.total)
+            self.log("judge/parse_rate", rate, batch_size=rows)
+            self.log("parse_rate", rate, prog_bar=True, logger=False, batch_size=rows)
         problems = judge_problems(
             bad, calls, counts["skipped"], counts["prefixes"], hp.max_unparseable_frac, hp.max_skipped_frac
         )
@@ -537,6 +543,10 @@ class SuffixPolicyDPO(LightningModule):
             metrics[f"judge/score_{name}"] = _nanmean(total[r, picked[r]])
         for k, v in scores.stats.items():
             metrics[f"judge/{k}"] = float(v)
+            name = k[: -len("_calls")]
+            bad = scores.stats.get(f"{name}_unparseable")
+            if k.endswith("_calls") and v > 0 and bad is not None:  # per component: parseable share
+                metrics[f"judge/{name}_parse_rate"] = 1.0 - float(bad) / float(v)
         pairs = counts["pairs"]
         for s in dict.fromkeys(sources):
             if pairs > 0:
