@@ -165,7 +165,9 @@ def build_fail_at_k(
         total=len(records),
         initial=len(records) - sum(len(c) for _, c in todo),
         desc=f"fail@{k}",
+        unit="problem",
         disable=not progress,
+        postfix=_bar_counts({i: done[i] for i in {r["id"] for r in records} & done.keys()}),
     )
     with open(progress_path, "a") as log:
         if progress_path.stat().st_size and not progress_path.read_bytes().endswith(b"\n"):
@@ -192,10 +194,28 @@ def build_fail_at_k(
                 done[r["id"]] = row
                 log.write(json.dumps(row) + "\n")
             log.flush()
+            bar.set_postfix(_bar_counts(done), refresh=False)  # shown by the update
             bar.update(len(batch))
     bar.close()
     about = {"model": settings["model"], "source": source}
     return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed, about=about)
+
+
+def _bar_counts(done: dict[str, dict]) -> dict[str, int]:
+    """The progress bar's postfix: the finished problems kept as 0/k so far and those solved."""
+    hard = sum(1 for row in done.values() if row["correct"] == 0)
+    return {"hard": hard, "solved": len(done) - hard}
+
+
+def source_part(
+    records: list[dict], origins: list[str], part: str, test_fraction: float, seed: int
+) -> tuple[list[dict], list[str]]:
+    """The ``part`` (``train`` / ``test``) half of ``split_problems(records, test_fraction, seed)`` and its
+    origins: the split ProblemDataModule(test_fraction=..., split_seed=...) makes of the same records."""
+    train, test = split_problems(records, test_fraction=test_fraction, seed=seed)
+    kept = train if part == "train" else test
+    where = dict(zip((r["id"] for r in records), origins))
+    return kept, [where[r["id"]] for r in kept]
 
 
 def _render(tokenizer, template: str, use_chat_template: bool, question: str) -> str:
@@ -273,6 +293,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-fraction", type=open_fraction, default=0.5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N problems")
+    p.add_argument(
+        "--levels",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="keep only the MATH problems at these levels (as ProblemDataModule(levels=...))",
+    )
+    p.add_argument(
+        "--source-part",
+        choices=["all", "train", "test"],
+        default="all",
+        help="use only this half of the source's split_problems(--source-test-fraction, "
+        "--source-split-seed) split, as ProblemDataModule makes it: 'train' keeps a hard set "
+        "drawn from a training split free of that split's test problems",
+    )
+    p.add_argument(
+        "--source-test-fraction",
+        type=open_fraction,
+        default=0.5,
+        help="test_fraction of the source split (--source-part)",
+    )
+    p.add_argument(
+        "--source-split-seed",
+        type=non_negative_int,
+        default=0,
+        help="split_seed of the source split (--source-part)",
+    )
     p.add_argument("--too-long", choices=TOO_LONG_MODES, default="error",
                    help="problems whose prompt + --max-new-tokens exceed the model's context: "
                    "error (name them) or skip (drop and count them)")  # fmt: skip
@@ -290,8 +337,19 @@ def main(argv: list[str] | None = None) -> dict:
     if "{question}" not in template:
         p.error("--prompt-template must contain a {question} field")
     records, _, origins = load_located_problems(
-        args.source, format=args.format, split=args.hub_split, limit=args.limit
+        args.source, format=args.format, split=args.hub_split, limit=args.limit, levels=args.levels
     )
+    source = args.source
+    if args.levels is not None:
+        source += f" levels={sorted(args.levels)}"
+    if args.source_part != "all":
+        records, origins = source_part(
+            records, origins, args.source_part, args.source_test_fraction, args.source_split_seed
+        )
+        source += (
+            f" part={args.source_part} test_fraction={args.source_test_fraction} "
+            f"split_seed={args.source_split_seed}"
+        )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     render = functools.partial(_render, tokenizer, template, args.use_chat_template)
     records = _fitting_records(
@@ -308,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_new_tokens=args.max_new_tokens, prompt_template=template,
             use_chat_template=args.use_chat_template, problems_per_batch=args.problems_per_batch,
             samples_per_round=args.samples_per_round, test_fraction=args.test_fraction, seed=args.seed,
-            model_name=args.model, tokenizer_name=args.tokenizer or args.model, source=args.source,
+            model_name=args.model, tokenizer_name=args.tokenizer or args.model, source=source,
         )  # fmt: skip
     finally:
         reward.close()

@@ -206,3 +206,73 @@ def test_too_long_skip_drops_and_counts_the_long_problem(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=rf"skipped 1 of 5 problems .*{source}:3"):
         failk_main([*argv, "--prompt-template", PROMPT, "--max-new-tokens", "80", "--too-long", "skip"])
     assert [r["id"] for r in seen["r"]] == ["p0", "p1", "p2", "p3"]
+
+
+def _math_source(tmp_path):
+    """A MATH-format file: 12 problems over levels 1-3."""
+    rows = [
+        {"problem": f"What is {i}+{i}?", "answer": str(2 * i), "level": 1 + i % 3, "unique_id": f"m{i}"}
+        for i in range(12)
+    ]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@needs_assets("tiny-student")
+def test_levels_and_source_part_sample_the_train_half_a_problem_data_module_makes(tmp_path, monkeypatch):
+    import lit_selfimprove.failk as failk
+    from lit_selfimprove.datamodules import ProblemDataModule
+
+    seen = {}
+    monkeypatch.setattr(
+        failk, "build_fail_at_k", lambda model, tok, records, *a, **kw: seen.update(r=records, kw=kw) or {}
+    )
+    source = _math_source(tmp_path)
+    out = str(tmp_path / "h.jsonl")
+    argv = ["--model", "builtin:tiny-student", "--source", str(source), "--out", out, "--max-new-tokens", "8"]
+    failk_main([*argv, "--prompt-template", PROMPT, "--levels", "1", "2", "--source-part", "train"])
+    data = ProblemDataModule(train_source=str(source), levels=[1, 2], test_fraction=0.5, split_seed=0)
+    data.setup("fit")
+    train = [r["id"] for r in seen["r"]]
+    assert sorted(train) == sorted(r["id"] for r in data.train_records)
+    assert not set(train) & {r["id"] for r in data.test_records}  # no test problem of that split leaks
+    assert len(train) == 4  # 8 problems at levels 1-2, half of them
+    assert "levels=[1, 2] part=train" in seen["kw"]["source"]  # recorded with the progress settings
+    failk_main([*argv, "--prompt-template", PROMPT, "--levels", "1", "2", "--source-part", "test"])
+    assert sorted(r["id"] for r in seen["r"]) == sorted(r["id"] for r in data.test_records)
+
+
+def test_the_progress_bar_counts_kept_and_solved_problems(setup, tmp_path, monkeypatch):
+    import lit_selfimprove.failk as failk
+
+    model, tok, records = setup
+    shown = []
+
+    class Bar:  # what tqdm displays: the postfix at each update
+        def __init__(self, *a, postfix=None, **kw):
+            self.postfix = dict(postfix or {})
+
+        def set_postfix(self, counts, refresh=True):
+            self.postfix = dict(counts)
+
+        def update(self, n=1):
+            shown.append(dict(self.postfix))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(failk, "tqdm", Bar)
+    summary = build_fail_at_k(
+        model, tok, records, FirstCharDigit(), tmp_path / "h.jsonl", k=4, max_new_tokens=4,
+        prompt_template=PROMPT, problems_per_batch=4, samples_per_round=2,
+    )  # fmt: skip
+    rows = _progress(tmp_path / "h.jsonl.progress.jsonl")
+    assert len(shown) == 5
+    # at each update the bar shows the counts of the problems finished, that batch included
+    for i, counts in enumerate(shown):
+        upto = rows[: 4 * (i + 1)]
+        hard = sum(r["correct"] == 0 for r in upto)
+        assert counts == {"hard": hard, "solved": len(upto) - hard}
+    assert shown[-1] == {"hard": summary["hard"], "solved": 20 - summary["hard"]}
+    assert 0 < summary["hard"] < 20

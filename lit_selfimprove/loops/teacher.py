@@ -7,8 +7,8 @@ A valid teacher completion holds ``<question>...</question>`` followed by
 paper asks (its printed prompt closed the question with a second ``<question>``):
 
 * tags are matched case-insensitively, with optional whitespace inside the angle brackets;
-* the question ends at the first ``</question>``, a second ``<question>`` (used as a closing
-  tag), or the ``<answer>`` tag when the closing tag is missing;
+* the question ends at the first ``</question>``, a second ``<question>`` or a ``</answer>`` (used as
+  a closing tag), or the ``<answer>`` tag when the closing tag is missing;
 * the answer is the last ``\\boxed{...}`` (balanced braces, via
   :func:`lit_selfimprove.rewards.extract_boxed`) between ``<answer>`` and ``</answer>``, or the end
   of the text when ``</answer>`` is missing;
@@ -35,8 +35,9 @@ __all__ = [
 MAX_ANSWER_CHARS = 200
 
 _Q_OPEN = re.compile(r"<\s*question\s*>", re.IGNORECASE)
-# what ends a question: </question>, a second <question> (the paper's typo) or <answer>
-_Q_END = re.compile(r"<\s*/\s*question\s*>|<\s*question\s*>|<\s*answer\s*>", re.IGNORECASE)
+# what ends a question: </question>, a second <question> (the paper's typo), </answer> (a small model's
+# wrong closing tag: "<question>What is 2 + 4?</answer><answer>...") or <answer>
+_Q_END = re.compile(r"<\s*/\s*question\s*>|<\s*question\s*>|<\s*/\s*answer\s*>|<\s*answer\s*>", re.IGNORECASE)
 _A_OPEN = re.compile(r"<\s*answer\s*>", re.IGNORECASE)
 _A_CLOSE = re.compile(r"<\s*/\s*answer\s*>", re.IGNORECASE)
 

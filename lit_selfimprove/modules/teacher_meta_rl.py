@@ -105,6 +105,9 @@ class TeacherMetaRL(LightningModule):
             ``score`` method for correctness); default ``MathVerifyReward(mode="shaped")``.
             Used for inner RLVR (against the teacher's answers) and for accuracy on Q_R.
         teacher_prompt: the teacher's prompt (no fields); SOAR's paraphrased by default.
+        teacher_prefill: text that starts the teacher's answer (e.g. ``<question>``): put after the prompt
+            (after the chat template's assistant header) and before each completion when it is parsed;
+            a small model that never opens the tags by itself continues them (default: none).
         prompt_template: student prompt with a ``{question}`` field.
         use_chat_template: wrap both prompts as a user turn of their tokenizer's chat template.
         teacher_reward: ``grounded`` (SOAR) or ``intrinsic`` (learnability, Intrinsic-T).
@@ -209,6 +212,7 @@ class TeacherMetaRL(LightningModule):
         student_tokenizer: str | None = None,
         reward: Callable | None = None,
         teacher_prompt: str = SOAR_TEACHER_PROMPT,
+        teacher_prefill: str = "",
         prompt_template: str = SOAR_STUDENT_PROMPT,
         use_chat_template: bool = False,
         teacher_reward: Literal["grounded", "intrinsic"] = "grounded",
@@ -374,8 +378,10 @@ class TeacherMetaRL(LightningModule):
 
     # ---------------------------------------------------------------------------- prompts
     def teacher_prompt_text(self) -> str:
-        return as_user_turn(
-            self.teacher_tokenizer, self.hparams.teacher_prompt, self.hparams.use_chat_template
+        prefill = self.hparams.get("teacher_prefill", "")
+        return (
+            as_user_turn(self.teacher_tokenizer, self.hparams.teacher_prompt, self.hparams.use_chat_template)
+            + prefill
         )
 
     def format_student_prompt(self, question: str) -> str:
@@ -395,7 +401,7 @@ class TeacherMetaRL(LightningModule):
     def sample_teacher_round(self, num_samples: int) -> Rollouts:
         """One round of ``num_samples`` teacher completions (override for another sampling backend)."""
         hp = self.hparams
-        return generate(
+        ro = generate(
             self.teacher,
             self.teacher_tokenizer,
             [self.teacher_prompt_text()],
@@ -405,6 +411,8 @@ class TeacherMetaRL(LightningModule):
             top_p=hp.teacher_top_p,
             generator=self.sampling_generator(),
         )
+        prefill = hp.get("teacher_prefill", "")  # part of the prompt; the parser reads it with the text
+        return dataclasses.replace(ro, texts=[prefill + t for t in ro.texts]) if prefill else ro
 
     def sample_valid_pairs(self) -> tuple[list[tuple[str, str]], Rollouts, dict[str, float]]:
         """Rejection sampling: ``(pairs, rollouts, stats)`` with exactly ``g * n`` valid pairs, and
