@@ -5,7 +5,11 @@
 
 ``--teacher`` is a Hugging Face folder / hub id (``TeacherMetaRL`` writes its final teacher to
 ``<log dir>/teacher``) or a ``TeacherMetaRL`` Lightning checkpoint (``.ckpt``: the teacher weights
-are read from its state dict, the base model and the prompt from its hyper-parameters). Sampling
+are read from its state dict, the base model, the prompt, ``use_chat_template`` and
+``teacher_prefill`` from its hyper-parameters; ``--prompt`` / ``--use-chat-template`` / ``--prefill``
+override them). The teacher sees the prompt as training showed it: as the user turn of its chat
+template when ``use_chat_template``, followed by the prefill, which is put back before each
+completion when it is parsed. Sampling
 rejects invalid completions (the module's lenient parser) until ``--num`` pairs exist, with a
 progress bar; the output holds ``id``/``question``/``answer`` rows, and ``OUT.summary.json`` the
 validity rate and the Vendi score of the questions (built-in n-gram embedding).
@@ -31,6 +35,7 @@ from lit_selfimprove.generation import GenerationConfig, attach_backend, generat
 from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+from lit_selfimprove.prompts import as_user_turn
 
 
 def load_teacher(path: str, dtype: str = "float32") -> tuple[torch.nn.Module, object, str | None]:
@@ -49,6 +54,18 @@ def load_teacher(path: str, dtype: str = "float32") -> tuple[torch.nn.Module, ob
     return model, load_tokenizer(hp.get("teacher_tokenizer") or hp["teacher"]), hp.get("teacher_prompt")
 
 
+def checkpoint_prompt_settings(path: str) -> dict:
+    """``{"use_chat_template": bool, "teacher_prefill": str}`` of a TeacherMetaRL checkpoint (defaults for
+    a folder): how training showed the prompt to the teacher."""
+    hp = {}
+    if str(path).endswith(".ckpt"):
+        hp = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters") or {}
+    return {
+        "use_chat_template": bool(hp.get("use_chat_template", False)),
+        "teacher_prefill": hp.get("teacher_prefill") or "",
+    }
+
+
 def sample_questions(
     model,
     tokenizer,
@@ -61,8 +78,10 @@ def sample_questions(
     max_rounds: int = 100,
     answer_check: str = "math_verify",
     seed: int = 0,
+    prefill: str = "",
 ) -> tuple[list[dict], dict]:
-    """``num`` valid pairs by rejection sampling; returns ``(rows, summary)``."""
+    """``num`` valid pairs by rejection sampling; returns ``(rows, summary)``. ``prompt`` is the exact text
+    the teacher continues (ending with ``prefill``); each completion is parsed with ``prefill`` before it."""
     for name, value in (
         ("num", num),
         ("batch", batch),
@@ -94,7 +113,7 @@ def sample_questions(
             )
             rounds += 1
             sampled += len(ro)
-            for pair in parse_pairs(ro.texts, check):
+            for pair in parse_pairs([prefill + t for t in ro.texts], check):
                 valid += pair is not None
                 if pair is not None and len(rows) < num:
                     rows.append({"id": f"teacher-{len(rows)}", "question": pair[0], "answer": pair[1]})
@@ -127,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="output jsonl")
     p.add_argument("--num", type=positive_int, default=256)
     p.add_argument("--prompt", default=None, help="teacher prompt (default: the checkpoint's)")
+    p.add_argument("--use-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="the prompt as the user turn of the chat template (default: the checkpoint's)")  # fmt: skip
+    p.add_argument("--prefill", default=None, help="text that starts the answer (default: the checkpoint's)")
     p.add_argument("--batch", type=positive_int, default=64, help="completions per sampling round")
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--temperature", type=non_negative_float, default=1.0)
@@ -146,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = args.prompt if args.prompt is not None else prompt
     if prompt is None:
         p.error(f"{args.teacher} has no teacher_prompt hyper-parameter: pass --prompt")
+    shown = checkpoint_prompt_settings(args.teacher)
+    use_chat = shown["use_chat_template"] if args.use_chat_template is None else args.use_chat_template
+    prefill = shown["teacher_prefill"] if args.prefill is None else args.prefill
+    prompt = as_user_turn(tokenizer, prompt, use_chat) + prefill
     _check_prompt_fits(prompt, tokenizer, model, args.max_new_tokens)
     attach_backend(model, GenerationConfig(backend=args.backend))
     rows, summary = sample_questions(
@@ -160,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_rounds,
         args.answer_check,
         args.seed,
+        prefill,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,3 +103,50 @@ def test_a_teacher_prompt_over_the_context_is_refused(tiny_random_lm, tmp_path):
             ["sample-questions", "--teacher", tiny_random_lm, "--prompt", "x" * 300, "--num", "4",
              "--max-new-tokens", "16", "--out", str(tmp_path / "q.jsonl")]
         )  # fmt: skip
+
+
+def test_a_checkpoint_teacher_sees_its_chat_template_and_prefill(tiny_random_lm, tmp_path, monkeypatch):
+    """A TeacherMetaRL trained with use_chat_template and teacher_prefill (SmolLM2's SOAR config) is sampled
+    with the prompt as training showed it, and its completions are parsed with the prefill in front."""
+    import lit_selfimprove.sample_questions as tool
+
+    base = load_causal_lm(tiny_random_lm)
+    path = tmp_path / "soar.ckpt"
+    hp = {"teacher": tiny_random_lm, "teacher_prompt": "P:", "use_chat_template": True}
+    hp["teacher_prefill"] = "<question>"
+    torch.save(
+        {"hyper_parameters": hp, "state_dict": {f"teacher.{k}": v for k, v in base.state_dict().items()}},
+        path,
+    )
+    real_load = tool.load_teacher
+
+    def load_with_template(*a, **kw):
+        model, tokenizer, prompt = real_load(*a, **kw)
+        tokenizer.chat_template = "{% for m in messages %}[U]{{ m['content'] }}[/U]{% endfor %}[A]"
+        return model, tokenizer, prompt
+
+    seen: list[str] = []
+
+    class Canned:
+        texts = ["What is 1 + 1?</question><answer>\\boxed{2}</answer>"] * 2
+
+        def __len__(self):
+            return 2
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen.extend(prompts)
+        return Canned()
+
+    monkeypatch.setattr(tool, "load_teacher", load_with_template)
+    monkeypatch.setattr(tool, "generate", fake_generate)
+    out = tmp_path / "q.jsonl"
+    tool.main(
+        ["--teacher", str(path), "--num", "2", "--batch", "2", "--max-new-tokens", "8", "--out", str(out)]
+    )
+    assert seen == ["[U]P:[/U][A]<question>"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in rows] == [("What is 1 + 1?", "2")] * 2
+    seen.clear()  # the flags override the checkpoint's settings
+    tool.main(["--teacher", str(path), "--num", "1", "--batch", "2", "--max-new-tokens", "8", "--out", str(out),
+               "--no-use-chat-template", "--prefill", "<question>Q"])  # fmt: skip
+    assert seen == ["P:<question>Q"]
