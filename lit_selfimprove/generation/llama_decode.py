@@ -181,11 +181,19 @@ class LlamaDecoder:
     logits of every row; :meth:`step` feeds one token per row and returns the next logits. The
     batch keeps its shape from start to end, as in the model's own decoding: matrix products on
     CPU round differently for different numbers of rows, so a batch that dropped its finished rows
-    (or prefilled a prompt once for its samples) would no longer be bitwise the same.
+    (or prefilled a prompt once for its samples) would no longer be bitwise the same. Both are
+    options (the built-in sampler's ``compact_finished`` / ``shared_prefill``): ``repeats`` > 1
+    prefills each prompt row once and repeats its cache for ``repeats`` consecutive rows, and
+    :meth:`keep` drops rows from the batch.
     """
 
     def __init__(
-        self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
+        self,
+        model: torch.nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        repeats: int = 1,
     ) -> None:
         self.model = model = _unwrap(model)  # (peft's LoRA layers sit inside the transformers model)
         inner = model.model
@@ -201,11 +209,17 @@ class LlamaDecoder:
         )
         cache = out.get("cache") if out.get("cache") is not None else out.past_key_values
         logits = out.logits
-        rows, width = prompt_ids.shape
+        if repeats > 1:  # each prompt row prefilled once and its cache shared by ``repeats`` rows
+            prompt_mask = prompt_mask.repeat_interleave(repeats, dim=0)
+            positions = positions.repeat_interleave(repeats, dim=0)
+            logits = logits.repeat_interleave(repeats, dim=0)
+        rows, width = prompt_mask.shape
         length = width + max_new_tokens
         self.keys, self.values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values  # [rows, kv_heads, width, head_dim]
+            if repeats > 1:
+                k, v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
             # float32 keys under autocast would double the largest allocation of the call; attention
             # casts them to the autocast dtype anyway, so storing them cast gives the same logits
             kb = k.new_empty(rows, k.shape[1], length, k.shape[3], dtype=compute_dtype(k.device, k.dtype))
@@ -226,6 +240,15 @@ class LlamaDecoder:
         self.length = width  # tokens in the cache
         rope = inner.rotary_emb
         self.inv_freq, self.rope_scaling = rope.inv_freq, rope.attention_scaling
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only ``rows`` (indices into the current batch, in order): their keys, values,
+        mask and positions are copied into smaller buffers and the others' freed. Decoding fewer rows
+        gives the same tokens up to rounding (matrix products round differently per row count)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.mask = self.mask.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ``[B]``; the next-token logits ``[B, V]``."""

@@ -204,24 +204,41 @@ def _decode(
     sync_ranks: bool,
     lean: bool,
     dummy: bool = False,
+    group: int = 1,
+    compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The KV-cached sampling loop: ``(completion_ids, completion_mask, finished)`` for the prompt rows.
 
     Rows that hit EOS are padded with ``pad_id`` (mask 0) while the others go on; with ``sync_ranks`` the
     loop runs until every rank is done. ``dummy``: the rows count as done from the start and draw no
     random numbers (a rank with fewer micro-batches than another runs these to keep stepping with it).
+
+    Lean decoder only: ``group`` > 1 says the rows come in runs of ``group`` copies of one prompt,
+    prefilled once per run (their caches repeated); ``compact`` drops finished rows from the decode
+    batch (sampling then draws random numbers for the unfinished rows only: a seeded call repeats, but
+    its samples differ from the uncompacted loop's; greedy tokens equal them up to rounding).
     """
-    decoder = LlamaDecoder if lean else _ForwardDecoder
-    dec = decoder(model, prompt_ids, prompt_mask, max_new_tokens)
+    rows = prompt_ids.shape[0]
+    if lean and group > 1:
+        dec = LlamaDecoder(model, prompt_ids[::group], prompt_mask[::group], max_new_tokens, repeats=group)
+    else:
+        dec = (LlamaDecoder if lean else _ForwardDecoder)(model, prompt_ids, prompt_mask, max_new_tokens)
+    compact = compact and lean
     logits = dec.logits
-    done = torch.full((prompt_ids.shape[0],), dummy, dtype=torch.bool, device=logits.device)
+    done = torch.full((rows,), dummy, dtype=torch.bool, device=logits.device)
+    active = torch.arange(rows, device=logits.device)  # rows in the decode batch (all unless compact)
     tokens, alive = [], []
     for step in range(max_new_tokens):
         if dummy:
-            nxt = torch.full_like(done, pad_id, dtype=torch.long)
+            sampled = torch.full_like(active, pad_id)
         else:
-            nxt = _sample_next(logits, temperature, top_p, generator)
+            sampled = _sample_next(logits, temperature, top_p, generator)
         alive.append(~done)
+        if compact:
+            nxt = torch.full_like(done, pad_id, dtype=torch.long)
+            nxt[active] = sampled
+        else:
+            nxt = sampled
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         done = done | torch.isin(nxt, eos)
@@ -230,7 +247,14 @@ def _decode(
         local_done = bool(done.all())
         if (sync_ranks and not any_rank(not local_done, logits.device)) or (not sync_ranks and local_done):
             break
-        logits = dec.step(nxt)
+        if compact:
+            keep = (~done[active]).nonzero().squeeze(-1)
+            if len(keep) == 0:  # all done here, other ranks not: one stand-in row keeps stepping
+                keep = keep.new_zeros(1)
+            if len(keep) < len(active):
+                dec.keep(keep)
+                active = active[keep]
+        logits = dec.step(nxt[active] if compact else nxt)
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1).long(), done
 
 
@@ -305,18 +329,29 @@ class BuiltinSampler:
         max_batch_rows: the most rows decoded together (``None``: sized by ``max_batch_kv_gb``).
         max_batch_kv_gb: the KV cache budget of one micro-batch in GiB, when ``max_batch_rows`` is
             ``None``.
+        compact_finished: drop rows that ended with EOS from the decode batch (their KV cache rows
+            freed), so the remaining steps compute only the unfinished rows. Lean decoder only. Off by
+            default: samples then differ from the uncompacted loop's at the same seed (random numbers
+            are drawn for the unfinished rows only; a seeded run still repeats exactly).
+        shared_prefill: prefill each prompt once for its ``num_samples`` samples and repeat its KV
+            cache, instead of prefilling ``num_samples`` identical rows. Lean decoder only. Off by
+            default (its logits may round differently from the per-row prefill's).
     """
 
     # (class defaults too: subclasses need not call __init__)
     lean: bool = True
     max_batch_rows: int | None = None
     max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB
+    compact_finished: bool = False
+    shared_prefill: bool = False
 
     def __init__(
         self,
         lean: bool = True,
         max_batch_rows: int | None = None,
         max_batch_kv_gb: float = DEFAULT_MAX_BATCH_KV_GB,
+        compact_finished: bool = False,
+        shared_prefill: bool = False,
     ) -> None:
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1 or None, got {max_batch_rows}")
@@ -325,6 +360,8 @@ class BuiltinSampler:
         self.lean = lean
         self.max_batch_rows = max_batch_rows
         self.max_batch_kv_gb = max_batch_kv_gb
+        self.compact_finished = compact_finished
+        self.shared_prefill = shared_prefill
 
     def rows_per_batch(self, model: torch.nn.Module, rows: int, length: int, lean: bool) -> int:
         """How many of ``rows`` rows of ``length`` positions (prompt + new tokens) to decode together."""
@@ -352,14 +389,20 @@ class BuiltinSampler:
             parts = []
             for i in range(count):
                 if i < len(spans):
-                    ids, mask = prompt_ids[spans[i][0] : spans[i][1]], prompt_mask[spans[i][0] : spans[i][1]]
+                    start, end = spans[i]
+                    ids, mask = prompt_ids[start:end], prompt_mask[start:end]
                     if len(spans) > 1:  # (rows that fit in one batch are decoded exactly as ever)
                         ids, mask = _trim_left_padding(ids, mask)
+                    # one prefill per prompt where the micro-batch holds whole groups of samples
+                    whole = start % num_samples == 0 and (end - start) % num_samples == 0
+                    group = num_samples if self.shared_prefill and whole else 1
                     parts.append(_decode(model, ids, mask, eos, pad_id, max_new_tokens, temperature,
-                                         top_p, generator, sync_ranks, lean))  # fmt: skip
+                                         top_p, generator, sync_ranks, lean, group=group,
+                                         compact=self.compact_finished))  # fmt: skip
                 else:  # this rank is out of rows: a one-row stand-in keeps it stepping with the others
                     _decode(model, prompt_ids[-1:], prompt_mask[-1:], eos, pad_id, max_new_tokens,
-                            temperature, top_p, generator, sync_ranks, lean, dummy=True)  # fmt: skip
+                            temperature, top_p, generator, sync_ranks, lean, dummy=True,
+                            compact=self.compact_finished)  # fmt: skip
             return _join(parts, pad_id)
         finally:
             if was_training:

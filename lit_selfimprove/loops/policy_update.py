@@ -40,6 +40,34 @@ def _total_units(token_mask: torch.Tensor, cfg: UpdateConfig) -> torch.Tensor:
     return all_reduce_sum(local.detach().reshape(1))[0].clamp(min=1.0) / world_size()
 
 
+def _trimmed_logprobs(model, input_ids, attention_mask, completion_mask, sl: slice) -> torch.Tensor:
+    """``sequence_logprobs`` of the rows ``sl``, the model run only on the columns where any of those
+    rows has a token (``[rows, T - 1]``, zeros outside)."""
+    mask = attention_mask[sl]
+    cols = mask.any(0).nonzero().squeeze(-1)
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    part = sequence_logprobs(
+        model, input_ids[sl, lo:hi], mask[:, lo:hi], completion_mask[sl, lo:hi]
+    )  # [rows, hi - lo - 1]: the tokens of columns lo + 1 .. hi - 1
+    return torch.nn.functional.pad(part, (lo, input_ids.shape[1] - hi))
+
+
+def _logprobs(model, seqs, sl: slice, trim: bool) -> torch.Tensor:
+    if trim:
+        return _trimmed_logprobs(model, *seqs, sl)
+    input_ids, attention_mask, completion_mask = seqs
+    return sequence_logprobs(model, input_ids[sl], attention_mask[sl], completion_mask[sl])
+
+
+def _frozen_logprobs(model, seqs, chunks: list[slice]) -> torch.Tensor:
+    """:func:`_trimmed_logprobs` of every micro-batch, in eval mode (mode restored)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([_trimmed_logprobs(model, *seqs, sl) for sl in chunks])
+    model.train(was_training)
+    return out
+
+
 def policy_gradient_update(
     policy: torch.nn.Module,
     rollouts: Rollouts,
@@ -54,25 +82,34 @@ def policy_gradient_update(
     """Update ``policy`` on ``rollouts`` with per-row ``advantages``; returns the per-epoch means of
     the weighted ``loss``, ``kl``, ``clip_fraction`` and ``logp`` (summed completion log-prob per unit)."""
     input_ids, attention_mask, completion_mask = rollouts.sequences()
+    advantages = advantages.to(input_ids.device)
+    if cfg.trim_padding:  # rows of similar lengths share micro-batches (the loss is a sum over rows)
+        order = torch.sort(rollouts.lengths.to(input_ids.device), stable=True).indices
+        input_ids, attention_mask = input_ids[order], attention_mask[order]
+        completion_mask, advantages = completion_mask[order], advantages[order]
     token_mask = completion_mask[:, 1:].float()
     chunks = micro_batches(input_ids.shape[0], cfg.micro_batch_size)
-    advantages = advantages.to(input_ids.device)
     total = _total_units(token_mask, cfg)  # with ``all_ranks``: a collective, before any forward
     # no dropout in any forward here: the sampler and the reference run without it (eval mode), and
     # log-probs with dropout would make the ratio and the KL noise (the policy stays in train mode)
     with dropout_disabled(policy):
         # with one epoch the old policy is the current one: its log-probs are the detached current
         # ones (policy_gradient_loss's default), so a second forward would only repeat work
+        seqs = (input_ids, attention_mask, completion_mask)
         with torch.no_grad():
-            seqs = (input_ids, attention_mask, completion_mask, chunks)
-            old_logps = chunked_logprobs(policy, *seqs) if cfg.ppo_epochs > 1 else None
-            use_ref = cfg.kl_coef > 0 and ref_model is not None
-            ref_logps = chunked_logprobs(ref_model, *seqs) if use_ref else None
+            if cfg.trim_padding:
+                old_logps = _frozen_logprobs(policy, seqs, chunks) if cfg.ppo_epochs > 1 else None
+                use_ref = cfg.kl_coef > 0 and ref_model is not None
+                ref_logps = _frozen_logprobs(ref_model, seqs, chunks) if use_ref else None
+            else:
+                old_logps = chunked_logprobs(policy, *seqs, chunks) if cfg.ppo_epochs > 1 else None
+                use_ref = cfg.kl_coef > 0 and ref_model is not None
+                ref_logps = chunked_logprobs(ref_model, *seqs, chunks) if use_ref else None
         policy.train()
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "logp": 0.0}
         for _ in range(cfg.ppo_epochs):
             for sl in chunks:
-                logps = sequence_logprobs(policy, input_ids[sl], attention_mask[sl], completion_mask[sl])
+                logps = _logprobs(policy, seqs, sl, cfg.trim_padding)
                 mask = token_mask[sl]
                 weight = units(mask, cfg.loss_aggregation) / total
                 loss, pg_stats = policy_gradient_loss(

@@ -29,6 +29,9 @@ class UpdateConfig:
     micro_batch_size: int | None = None  # rows per forward / backward (``None``: all)
     max_grad_norm: float | None = None  # ``None`` / 0: no clipping
     all_ranks: bool = False  # weigh by the units of all ranks (see loops.policy_update)
+    # rows sorted by length into micro-batches, each run without its all-padding columns (less
+    # compute when completions end at very different lengths; same loss up to rounding)
+    trim_padding: bool = False
 
 
 def units(mask: torch.Tensor, aggregation: str) -> torch.Tensor:

@@ -36,6 +36,8 @@ class RLVRConfig:
     kl_estimator: Literal["k3", "k1", "k2"] = "k3"
     micro_batch_size: int | None = None
     max_grad_norm: float | None = 1.0
+    # micro-batches of rows of similar length, their all-padding columns not computed (see UpdateConfig)
+    trim_padding: bool = False
     # keep ranks generating in lockstep (needed when the policy is sharded); ``None``: on under
     # torch.distributed. SOAR's inner students are unsharded and differ per rank: ``False``.
     sync_ranks: bool | None = None
