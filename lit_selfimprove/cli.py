@@ -39,6 +39,8 @@ TOOLS = {
     "gguf-to-hf": "lit_selfimprove.gguf",
     "memory-estimate": "lit_selfimprove.memory_estimate",
     "math500-mc": "lit_selfimprove.evaluation.tasks.math500_mc",
+    "facts-world": "lit_selfimprove.datamodules.facts_world",
+    "judge-labels": "lit_selfimprove.datamodules.tiny_judge_labels",
 }
 
 

@@ -1,7 +1,7 @@
 """Pre-training data and the command line of the tiny facts world (:mod:`lit_selfimprove.worlds.facts`).
 
-    python -m lit_selfimprove.datamodules.facts_world eval --model builtin:tiny-sip-policy
-    python -m lit_selfimprove.datamodules.facts_world corpus      # rebuild builtin:tiny-facts
+    python -m lit_selfimprove facts-world eval --model builtin:tiny-sip-policy
+    python -m lit_selfimprove facts-world corpus      # rebuild builtin:tiny-facts
 
 The world's names that tests and experiments import stay importable from here.
 """
@@ -136,9 +136,7 @@ class FactsPretrainDataModule(LightningDataModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="lit_selfimprove.datamodules.facts_world", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="lit_selfimprove facts-world", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("eval", help="judge a policy's sampled continuations of held-out prefixes")
     ev.add_argument("--model", default="builtin:tiny-sip-policy")

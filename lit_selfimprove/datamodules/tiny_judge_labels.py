@@ -5,8 +5,8 @@ the world's ``judge`` split of the prefix-suffix stream (the same corpus, chunki
 as ``configs/tiny/sip_dpo.yaml``); the rows follow
 :class:`~lit_selfimprove.datamodules.JudgeExamplesDataModule`'s schema::
 
-    python -m lit_selfimprove.datamodules.tiny_judge_labels --out runs/tiny_judge.jsonl            # all kinds
-    python -m lit_selfimprove.datamodules.tiny_judge_labels --kinds safety --out runs/tiny_safety.jsonl
+    python -m lit_selfimprove judge-labels --out runs/tiny_judge.jsonl            # all kinds
+    python -m lit_selfimprove judge-labels --kinds safety --out runs/tiny_safety.jsonl
 
 * safety: each chunk's suffix, ``KBSafetyJudge``'s label; the KB rewrite of each unsafe suffix is
   added as a safe example (about balanced classes otherwise 1 in 5 is unsafe);
@@ -130,7 +130,7 @@ def tiny_judge_rows(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lit_selfimprove judge-labels", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="jsonl file to write")
     parser.add_argument("--kinds", nargs="+", default=["safety", "pairwise", "factuality"])
     parser.add_argument("--split", default="judge", help="split of the prefix-suffix stream")
