@@ -26,9 +26,14 @@ import torch
 from lit_selfimprove.distributed import all_reduce_sum, world_size
 from lit_selfimprove.generation import Rollouts
 from lit_selfimprove.modeling import dropout_disabled
-from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
-from lit_selfimprove.rl.policy_update import UpdateConfig, chunked_logprobs, micro_batches, units
+from lit_selfimprove.rl.policy_update import (
+    UpdateConfig,
+    chunked_logprobs,
+    micro_batch_logprobs,
+    micro_batches,
+    units,
+)
 
 __all__ = ["UpdateConfig", "policy_gradient_update"]
 
@@ -38,34 +43,6 @@ def _total_units(token_mask: torch.Tensor, cfg: UpdateConfig) -> torch.Tensor:
     if not cfg.all_ranks:
         return local.clamp(min=1)
     return all_reduce_sum(local.detach().reshape(1))[0].clamp(min=1.0) / world_size()
-
-
-def _trimmed_logprobs(model, input_ids, attention_mask, completion_mask, sl: slice) -> torch.Tensor:
-    """``sequence_logprobs`` of the rows ``sl``, the model run only on the columns where any of those
-    rows has a token (``[rows, T - 1]``, zeros outside)."""
-    mask = attention_mask[sl]
-    cols = mask.any(0).nonzero().squeeze(-1)
-    lo, hi = int(cols[0]), int(cols[-1]) + 1
-    part = sequence_logprobs(
-        model, input_ids[sl, lo:hi], mask[:, lo:hi], completion_mask[sl, lo:hi]
-    )  # [rows, hi - lo - 1]: the tokens of columns lo + 1 .. hi - 1
-    return torch.nn.functional.pad(part, (lo, input_ids.shape[1] - hi))
-
-
-def _logprobs(model, seqs, sl: slice, trim: bool) -> torch.Tensor:
-    if trim:
-        return _trimmed_logprobs(model, *seqs, sl)
-    input_ids, attention_mask, completion_mask = seqs
-    return sequence_logprobs(model, input_ids[sl], attention_mask[sl], completion_mask[sl])
-
-
-def _frozen_logprobs(model, seqs, chunks: list[slice]) -> torch.Tensor:
-    """:func:`_trimmed_logprobs` of every micro-batch, in eval mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    out = torch.cat([_trimmed_logprobs(model, *seqs, sl) for sl in chunks])
-    model.train(was_training)
-    return out
 
 
 def policy_gradient_update(
@@ -97,19 +74,15 @@ def policy_gradient_update(
         # ones (policy_gradient_loss's default), so a second forward would only repeat work
         seqs = (input_ids, attention_mask, completion_mask)
         with torch.no_grad():
-            if cfg.trim_padding:
-                old_logps = _frozen_logprobs(policy, seqs, chunks) if cfg.ppo_epochs > 1 else None
-                use_ref = cfg.kl_coef > 0 and ref_model is not None
-                ref_logps = _frozen_logprobs(ref_model, seqs, chunks) if use_ref else None
-            else:
-                old_logps = chunked_logprobs(policy, *seqs, chunks) if cfg.ppo_epochs > 1 else None
-                use_ref = cfg.kl_coef > 0 and ref_model is not None
-                ref_logps = chunked_logprobs(ref_model, *seqs, chunks) if use_ref else None
+            trim = cfg.trim_padding
+            old_logps = chunked_logprobs(policy, *seqs, chunks, trim) if cfg.ppo_epochs > 1 else None
+            use_ref = cfg.kl_coef > 0 and ref_model is not None
+            ref_logps = chunked_logprobs(ref_model, *seqs, chunks, trim) if use_ref else None
         policy.train()
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "logp": 0.0}
         for _ in range(cfg.ppo_epochs):
             for sl in chunks:
-                logps = _logprobs(policy, seqs, sl, cfg.trim_padding)
+                logps = micro_batch_logprobs(policy, *seqs, sl, cfg.trim_padding)
                 mask = token_mask[sl]
                 weight = units(mask, cfg.loss_aggregation) / total
                 loss, pg_stats = policy_gradient_loss(

@@ -543,9 +543,9 @@ class SuffixPolicyDPO(LightningModule):
             metrics[f"judge/score_{name}"] = _nanmean(total[r, picked[r]])
         for k, v in scores.stats.items():
             metrics[f"judge/{k}"] = float(v)
-            name = k[: -len("_calls")]
+            name = k.removesuffix("_calls")
             bad = scores.stats.get(f"{name}_unparseable")
-            if k.endswith("_calls") and v > 0 and bad is not None:  # per component: parseable share
+            if name != k and v > 0 and bad is not None:  # per component: parseable share
                 metrics[f"judge/{name}_parse_rate"] = 1.0 - float(bad) / float(v)
         pairs = counts["pairs"]
         for s in dict.fromkeys(sources):

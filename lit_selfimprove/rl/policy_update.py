@@ -49,12 +49,31 @@ def micro_batches(rows: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
 
 
-def chunked_logprobs(model, input_ids, attention_mask, completion_mask, chunks: list[slice]) -> torch.Tensor:
-    """``sequence_logprobs`` of ``model`` in eval mode, one micro-batch at a time (mode restored)."""
+def micro_batch_logprobs(
+    model, input_ids, attention_mask, completion_mask, rows: slice, trim: bool = False
+) -> torch.Tensor:
+    """``sequence_logprobs`` of the ``rows`` of a batch (``[rows, T - 1]``). ``trim``: run the model only on
+    the columns where any of those rows has a token (zeros outside; less compute when the rows are of
+    similar length and the batch is padded to a longer one)."""
+    if not trim:
+        return sequence_logprobs(model, input_ids[rows], attention_mask[rows], completion_mask[rows])
+    mask = attention_mask[rows]
+    cols = mask.any(0).nonzero().squeeze(-1)
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    part = sequence_logprobs(
+        model, input_ids[rows, lo:hi], mask[:, lo:hi], completion_mask[rows, lo:hi]
+    )  # [rows, hi - lo - 1]: the tokens of columns lo + 1 .. hi - 1
+    return torch.nn.functional.pad(part, (lo, input_ids.shape[1] - hi))
+
+
+def chunked_logprobs(
+    model, input_ids, attention_mask, completion_mask, chunks: list[slice], trim: bool = False
+) -> torch.Tensor:
+    """:func:`micro_batch_logprobs` of ``model`` in eval mode, one micro-batch at a time (mode restored)."""
     model_was_training = model.training
     model.eval()
     out = torch.cat(
-        [sequence_logprobs(model, input_ids[s], attention_mask[s], completion_mask[s]) for s in chunks]
+        [micro_batch_logprobs(model, input_ids, attention_mask, completion_mask, s, trim) for s in chunks]
     )
     model.train(model_was_training)
     return out
