@@ -445,13 +445,13 @@ def test_policy_update_log_probs_are_the_samplers_with_dropout_in_the_model(
         model.train()
         noisy = sequence_logprobs(model, input_ids, attention_mask, completion_mask)
     assert not torch.allclose(noisy, expected, atol=1e-4)  # train mode alone would not do
-    seen, forward = [], pu.sequence_logprobs
+    seen, forward = [], pu.micro_batch_logprobs  # the loss forwards (the frozen ones: chunked_logprobs)
 
     def recording(policy, *args):
         seen.append((policy.training, forward(policy, *args)))
         return seen[-1][1]
 
-    monkeypatch.setattr(pu, "sequence_logprobs", recording)
+    monkeypatch.setattr(pu, "micro_batch_logprobs", recording)
     cfg = pu.UpdateConfig(kl_coef=0.5, ppo_epochs=2, clip_eps_low=0.2, clip_eps_high=0.2, micro_batch_size=2)
     sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     stats = pu.policy_gradient_update(model, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]), sgd, cfg, ref)
