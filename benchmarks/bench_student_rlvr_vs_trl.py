@@ -270,8 +270,7 @@ class Phases:
         rlvr_loop.generate = generate
         rlvr_loop.score_completions = self.timed("reward", rlvr_loop.score_completions)
         pu.chunked_logprobs = self.timed("reference_forward", pu.chunked_logprobs)
-        pu._frozen_logprobs = self.timed("reference_forward", pu._frozen_logprobs)
-        pu._logprobs = self.timed("policy_forward", pu._logprobs)
+        pu.micro_batch_logprobs = self.timed("policy_forward", pu.micro_batch_logprobs)
         real_update = pu.policy_gradient_update
 
         def update(policy, rollouts, advantages, optimizer, cfg, *args, backward, **kwargs):
