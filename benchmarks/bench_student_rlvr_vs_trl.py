@@ -310,7 +310,7 @@ def run_ours(conn, cfg: dict, plain: bool = False) -> None:
 
     from lit_selfimprove.generation import GenerationConfig
     from lit_selfimprove.modules import StudentRLVR
-    from lit_selfimprove.rl.rlvr_step import RLVRConfig
+    from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
     _common_init(cfg)
     reward_fn = make_reward(cfg["reward"])

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lit_selfimprove.datamodules import ProblemDataModule
     from lit_selfimprove.modules import StudentRLVR
     from lit_selfimprove.rewards import MathVerifyReward
-    from lit_selfimprove.rl.rlvr_step import RLVRConfig
+    from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
     L.seed_everything(0)
     rss_start = _peak_rss_mib()

@@ -71,7 +71,7 @@ def load_config(path: Path) -> dict:
 
 def build_module(config: dict, args: argparse.Namespace):
     """The config's StudentRLVR, with the command line's overrides (model, budgets, group)."""
-    from lit_selfimprove.rl.rlvr_step import RLVRConfig
+    from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
     init = dict(config["model"]["init_args"])
     init["reward"] = _instantiate(init.get("reward"))

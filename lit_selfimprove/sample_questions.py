@@ -32,7 +32,7 @@ from lit_selfimprove.datamodules.prompt_length import (
     prompt_token_counter,
 )
 from lit_selfimprove.generation import GenerationConfig, attach_backend, generate
-from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
+from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pairs
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.prompts import as_user_turn

@@ -19,7 +19,7 @@ from lit_selfimprove.datamodules.arithmetic import ArithmeticProblemDataModule
 from lit_selfimprove.generation import generate
 from lit_selfimprove.generation.sampler import _cache_kwarg
 from lit_selfimprove.modules.student_rlvr import StudentRLVR
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests._launch import full_weights, is_dtensor
 
 

@@ -23,7 +23,7 @@ from lit_selfimprove.modules import NextTokenLM, StudentRLVR, SuffixPolicyDPO, T
 from lit_selfimprove.modules._shared import OPTIMIZERS, adamw, adamw_with_warmup, check_optimizer
 from lit_selfimprove.modules.soar_outer import InnerConfig
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(

@@ -20,7 +20,7 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import StudentRLVR
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests._launch import cached_runs, max_diff
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from lit_selfimprove.modeling import (
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
 from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests.test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, fit, make_module
 
 pytest.importorskip("peft", reason="LoRA needs peft: pip install 'lit-selfimprove[gpu]'")

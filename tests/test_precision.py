@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from lit_selfimprove.modeling import HALF_TRAINING_WARNING, frozen_copy, load_trained_model
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 

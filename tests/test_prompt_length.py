@@ -17,7 +17,7 @@ from lit_selfimprove.datamodules.prompt_length import (
 )
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.modules import StudentRLVR
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests.conftest import needs_assets
 
 PROMPT = "Q: {question}\nA: "

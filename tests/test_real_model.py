@@ -20,7 +20,7 @@ import lit_selfimprove.modules.student_rlvr as student_rlvr_module
 from lit_selfimprove.datamodules import ProblemDataModule
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rewards import MathVerifyReward
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests.helpers import SMOL, require_smol
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"

@@ -28,7 +28,7 @@ import lit_selfimprove.loops.soar as soar_loops
 from lit_selfimprove.callbacks import Promotion
 from lit_selfimprove.datamodules import ProblemDataModule
 from lit_selfimprove.generation import generate
-from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
+from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pairs
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import TeacherMetaRL
 from lit_selfimprove.modules.soar_outer import InnerConfig

@@ -17,7 +17,7 @@ from lit_selfimprove.loops.rlvr import rlvr_step
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
 PROMPT = "Q: {question}\nA: "
 

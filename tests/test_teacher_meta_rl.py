@@ -19,12 +19,12 @@ import torch
 from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.datamodules.arithmetic import TINY_TEACHER_PROMPT, teacher_text
 from lit_selfimprove.generation import Rollouts
-from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pair, parse_pairs
+from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pair, parse_pairs
 from lit_selfimprove.modules import TeacherMetaRL
 from lit_selfimprove.modules.soar_outer import InnerConfig
 from lit_selfimprove.rewards import MathVerifyReward
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from lit_selfimprove.rl.teacher import learnability, learnability_per_question, teacher_advantages
+from lit_selfimprove.rl.teacher_rewards import learnability, learnability_per_question, teacher_advantages
 
 PROMPT = "Q: {question}\nA: "
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from lit_selfimprove.generation import generate
-from lit_selfimprove.loops.teacher import math_verify_parseable, parse_pairs
+from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pairs
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.prompts import SOAR_TEACHER_PROMPT, as_user_turn
 

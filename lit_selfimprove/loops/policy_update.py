@@ -27,7 +27,7 @@ from lit_selfimprove.distributed import all_reduce_sum, world_size
 from lit_selfimprove.generation import Rollouts
 from lit_selfimprove.modeling import dropout_disabled
 from lit_selfimprove.rl.losses import aggregate_loss, kl_penalty, policy_gradient_loss
-from lit_selfimprove.rl.policy_update import (
+from lit_selfimprove.rl.micro_batch import (
     UpdateConfig,
     chunked_logprobs,
     micro_batch_logprobs,

@@ -26,9 +26,9 @@ from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.loops.policy_update import policy_gradient_update
 from lit_selfimprove.rewards.base import Reward, score_completions
 from lit_selfimprove.rl.advantages import compute_advantages, zero_std_fraction
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
-__all__ = ["RLVRConfig", "rlvr_step", "score_completions"]
+__all__ = ["rlvr_step"]
 
 
 def rlvr_step(

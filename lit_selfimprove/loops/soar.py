@@ -12,10 +12,10 @@ import torch
 from lit_selfimprove.distributed import all_reduce_sum, any_rank, gather_objects, world
 from lit_selfimprove.generation import Rollouts, generate
 from lit_selfimprove.loops.rlvr import rlvr_step
-from lit_selfimprove.loops.teacher import parse_pairs
+from lit_selfimprove.loops.teacher_pairs import parse_pairs
 from lit_selfimprove.rewards.base import score_completions
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
-from lit_selfimprove.rl.teacher import learnability
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
+from lit_selfimprove.rl.teacher_rewards import learnability
 
 __all__ = ["greedy_accuracy", "intrinsic_rewards", "sample_valid_pairs", "train_inner"]
 

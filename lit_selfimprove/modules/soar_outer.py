@@ -13,7 +13,7 @@ from lit_selfimprove.modules.median_students import save_student
 from lit_selfimprove.prompts import check_student_prompt
 from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
 TEACHER_REWARDS = ("grounded", "intrinsic")
 ANSWER_CHECKS = ("auto", "math_verify", "light")
@@ -22,7 +22,7 @@ ANSWER_CHECKS = ("auto", "math_verify", "light")
 @dataclass
 class InnerConfig(RLVRConfig):
     """The inner trainings' settings (``inner:`` in YAML): the RL fields of
-    :class:`~lit_selfimprove.rl.rlvr_step.RLVRConfig` plus ``steps`` (RLVR steps per inner training),
+    :class:`~lit_selfimprove.rl.rlvr_config.RLVRConfig` plus ``steps`` (RLVR steps per inner training),
     ``batch`` (questions of X_k per step), ``lr`` and ``weight_decay`` (a fresh AdamW each time) and
     ``optimizer`` (``adamw``, ``adamw8bit`` or ``paged_adamw8bit`` (CUDA only), see
     :func:`~lit_selfimprove.modules._shared.adamw`: the fresh optimizer of each inner training).

@@ -47,7 +47,7 @@ from lit_selfimprove.modules._shared import (
 )
 from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, as_user_turn, check_student_prompt
 from lit_selfimprove.rewards.base import pop_reward_stats, score_completions
-from lit_selfimprove.rl.rlvr_step import RLVRConfig
+from lit_selfimprove.rl.rlvr_config import RLVRConfig
 
 
 def unpack_problems(batch) -> tuple[list[str], list[str]]:
@@ -71,7 +71,7 @@ class StudentRLVR(LightningModule):
             ``MathVerifyReward(mode="shaped")`` (SOAR's 120/20/10/0).
         prompt_template: student prompt with a ``{question}`` field (SOAR's by default).
         use_chat_template: wrap the formatted prompt as a user turn of the tokenizer's chat template.
-        rl: the RL settings group (:class:`~lit_selfimprove.rl.rlvr_step.RLVRConfig`, ``rl:`` in
+        rl: the RL settings group (:class:`~lit_selfimprove.rl.rlvr_config.RLVRConfig`, ``rl:`` in
             YAML; default: SOAR's student settings): ``group_size`` (completions per question, G),
             ``max_new_tokens``, ``temperature``, ``top_p``, ``advantage`` (``rloo`` | ``grpo`` |
             ``dr_grpo``), ``loss_aggregation`` (``token`` | ``sequence`` | ``fixed``: Dr.GRPO's

@@ -52,7 +52,7 @@ from lit_selfimprove.distributed import broadcast_object, gather_objects, seeded
 from lit_selfimprove.generation import GenerationConfig, Rollouts, attach_backend, generate
 from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.policy_update import policy_gradient_update
-from lit_selfimprove.loops.teacher import math_verify_parseable
+from lit_selfimprove.loops.teacher_pairs import math_verify_parseable
 from lit_selfimprove.metrics.vendi import HashingNgramEmbedding, vendi_score
 from lit_selfimprove.modeling import (
     AdapterDisabledReference,
@@ -85,9 +85,9 @@ from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents, Oute
 from lit_selfimprove.modules.student_rlvr import unpack_problems
 from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT, SOAR_TEACHER_PROMPT, as_user_turn
 from lit_selfimprove.rewards.base import parseable_check, pop_reward_stats
-from lit_selfimprove.rl.policy_update import UpdateConfig
+from lit_selfimprove.rl.micro_batch import UpdateConfig
 from lit_selfimprove.rl.promotion import PromotionRule
-from lit_selfimprove.rl.teacher import teacher_advantages
+from lit_selfimprove.rl.teacher_rewards import teacher_advantages
 
 
 class TeacherMetaRL(LightningModule):
@@ -122,7 +122,7 @@ class TeacherMetaRL(LightningModule):
         answer_check: when a boxed answer counts as parseable: ``auto`` (the reward's
             ``parseable(answers) -> [bool]`` if it has one, else ``math_verify``), ``math_verify``
             (``math_verify.parse`` yields a symbolic expression, in this process, length-capped and
-            guarded by a timeout, see :func:`lit_selfimprove.loops.teacher.math_verify_parseable`) or
+            guarded by a timeout, see :func:`lit_selfimprove.loops.teacher_pairs.math_verify_parseable`) or
             ``light`` (structure only: non-empty, balanced braces).
         max_answer_chars: longer boxed answers are invalid.
         inner: the inner trainings' settings group (``inner:`` in YAML,

@@ -1,6 +1,6 @@
 """SOAR teacher math on tensors (no Lightning): RLOO advantages over the ``g`` datasets and the
 Intrinsic-T learnability reward. Parsing teacher completions into (question, answer) pairs is
-:mod:`lit_selfimprove.loops.teacher`.
+:mod:`lit_selfimprove.loops.teacher_pairs`.
 """
 
 from __future__ import annotations

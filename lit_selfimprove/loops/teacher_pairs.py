@@ -1,6 +1,6 @@
 """SOAR teacher completions (pure functions, no Lightning): parsing them into (question, answer)
 pairs and the answer-parseability check (the advantages and the learnability reward, tensors only,
-are in :mod:`lit_selfimprove.rl.teacher`).
+are in :mod:`lit_selfimprove.rl.teacher_rewards`).
 
 A valid teacher completion holds ``<question>...</question>`` followed by
 ``<answer>\\boxed{...}</answer>``; reasoning may surround the tags. Parsing is lenient, as the

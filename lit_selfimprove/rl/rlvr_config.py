@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from lit_selfimprove.rl.advantages import compute_advantages
-from lit_selfimprove.rl.policy_update import UpdateConfig
+from lit_selfimprove.rl.micro_batch import UpdateConfig
 
 
 @dataclass

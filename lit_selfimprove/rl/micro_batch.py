@@ -17,7 +17,7 @@ from lit_selfimprove.rl.logprobs import sequence_logprobs
 @dataclass
 class UpdateConfig:
     """How :func:`~lit_selfimprove.loops.policy_update.policy_gradient_update` runs (field names as in
-    :class:`~lit_selfimprove.rl.rlvr_step.RLVRConfig`)."""
+    :class:`~lit_selfimprove.rl.rlvr_config.RLVRConfig`)."""
 
     loss_aggregation: str = "token"  # token | sequence | fixed (see ``aggregate_loss``)
     max_new_tokens: int | None = None  # the ``fixed`` aggregation's normaliser (the generation budget)
