@@ -122,9 +122,9 @@ class Evaluator:
     """Continuations of fixed held-out prefixes, judged by the knowledge-base judges."""
 
     def __init__(self, num_prefixes: int, samples: int, max_new_tokens: int, seed: int):
-        from lit_selfimprove.datamodules.facts_world import KnowledgeBase, heldout_prefixes
         from lit_selfimprove.judges import KBQualityJudge
         from lit_selfimprove.modeling import load_tokenizer
+        from lit_selfimprove.worlds.facts import KnowledgeBase, heldout_prefixes
 
         self.kb, self.quality = KnowledgeBase(), KBQualityJudge()
         self.pairs = heldout_prefixes(num_prefixes, max_new_tokens, kb=self.kb)
@@ -196,7 +196,7 @@ class Evaluator:
 
     def evaluate(self, model, temperature: float) -> dict:
         """Sample, then the world's statistics and the win rate against the original suffix."""
-        from lit_selfimprove.datamodules.facts_world import continuation_stats
+        from lit_selfimprove.worlds.facts import continuation_stats
 
         prefixes, texts, refs, sharp = self.sample(model, temperature)
         out = {"temperature": temperature, "continuations": len(texts), **sharp}

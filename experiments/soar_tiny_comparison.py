@@ -177,7 +177,7 @@ def base_eval(root: Path, args) -> dict:
     """Claim 1's measurements: the base student's success rates on the hard sets and the stepping stones."""
     import torch
 
-    from lit_selfimprove.datamodules.problems import load_problems
+    from lit_selfimprove.datamodules.problem_sources import load_problems
     from lit_selfimprove.generation import generate
     from lit_selfimprove.metrics.pass_at_k import pass_at_k
     from lit_selfimprove.modeling import load_causal_lm, load_tokenizer

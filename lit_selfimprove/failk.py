@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_selfimprove.cli_args import non_negative_float, non_negative_int, open_fraction, positive_int
-from lit_selfimprove.datamodules.problems import load_located_problems, split_problems
+from lit_selfimprove.datamodules.problem_sources import load_located_problems, split_problems
 from lit_selfimprove.datamodules.prompt_length import (
     TOO_LONG_MODES,
     check_prompt_lengths,

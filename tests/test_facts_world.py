@@ -10,16 +10,7 @@ import pytest
 import torch
 
 from lit_selfimprove.assets import resolve
-from lit_selfimprove.datamodules.facts_world import (
-    ATTRIBUTES,
-    UNSAFE_WORDS,
-    FactsPretrainDataModule,
-    KnowledgeBase,
-    continuation_stats,
-    generate_documents,
-    heldout_prefixes,
-    write_corpus,
-)
+from lit_selfimprove.datamodules.facts_world import FactsPretrainDataModule
 from lit_selfimprove.judges.base import PairwiseJudge, PointwiseJudge, Rewriter
 from lit_selfimprove.judges.knowledge_base import (
     KBFactualityJudge,
@@ -27,6 +18,15 @@ from lit_selfimprove.judges.knowledge_base import (
     KBRewriter,
     KBSafetyJudge,
     kb_batch_stats,
+)
+from lit_selfimprove.worlds.facts import (
+    ATTRIBUTES,
+    UNSAFE_WORDS,
+    KnowledgeBase,
+    continuation_stats,
+    generate_documents,
+    heldout_prefixes,
+    write_corpus,
 )
 from tests.conftest import needs_assets
 

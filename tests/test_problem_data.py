@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_selfimprove.datamodules.problems import (
-    ProblemDataModule,
-    collate_problems,
-    load_problems,
-    split_problems,
-)
+from lit_selfimprove.datamodules.problem_sources import load_problems, split_problems
+from lit_selfimprove.datamodules.problems import ProblemDataModule, collate_problems
 from lit_selfimprove.rewards import extract_boxed as _last_boxed  # the one boxed-answer parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,7 +329,7 @@ def test_split_deterministic_disjoint_covering():
 def test_split_independent_of_hash_seed():
     code = (
         "import json\n"
-        "from lit_selfimprove.datamodules.problems import split_problems\n"
+        "from lit_selfimprove.datamodules.problem_sources import split_problems\n"
         "ids = set(f'id-{i:04d}' for i in range(101))\n"  # set order depends on PYTHONHASHSEED
         "recs = [{'id': i, 'question': 'q' + i, 'answer': i[3:]} for i in ids]\n"
         "train, test = split_problems(recs, 0.5, seed=0)\n"

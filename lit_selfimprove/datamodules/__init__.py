@@ -11,14 +11,8 @@ from lit_selfimprove.datamodules.prefix_suffix import (
     assign_split,
     collate_prefix_suffix,
 )
-from lit_selfimprove.datamodules.problems import (
-    PROBLEM_FORMATS,
-    ProblemDataModule,
-    ProblemDataset,
-    collate_problems,
-    load_problems,
-    split_problems,
-)
+from lit_selfimprove.datamodules.problem_sources import PROBLEM_FORMATS, load_problems, split_problems
+from lit_selfimprove.datamodules.problems import ProblemDataModule, ProblemDataset, collate_problems
 from lit_selfimprove.datamodules.rewrite_examples import RewriterExamplesDataModule
 from lit_selfimprove.worlds.facts import (
     KnowledgeBase,

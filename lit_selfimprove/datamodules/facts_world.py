@@ -1,9 +1,8 @@
 """Pre-training data and the command line of the tiny facts world (:mod:`lit_selfimprove.worlds.facts`).
 
-    python -m lit_selfimprove facts-world eval --model builtin:tiny-sip-policy
-    python -m lit_selfimprove facts-world corpus      # rebuild builtin:tiny-facts
+python -m lit_selfimprove facts-world eval --model builtin:tiny-sip-policy
+python -m lit_selfimprove facts-world corpus      # rebuild builtin:tiny-facts
 
-The world's names that tests and experiments import stay importable from here.
 """
 
 from __future__ import annotations
@@ -16,40 +15,18 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lit_selfimprove.datamodules.arithmetic import pad_collate
-from lit_selfimprove.worlds.facts import (  # the world, re-exported for tests and experiments
-    ATTRIBUTES,
+from lit_selfimprove.worlds.facts import (
     CORPUS_NUM_DOCS,
     CORPUS_SEED,
     P_UNSAFE,
     P_WRONG,
-    UNSAFE_WORDS,
-    KnowledgeBase,
-    continuation_stats,
     evaluate_policy,
-    generate_documents,
     heldout_prefixes,
     load_corpus,
     write_corpus,
 )
 
-__all__ = [
-    "ATTRIBUTES",
-    "CORPUS_NUM_DOCS",
-    "CORPUS_SEED",
-    "P_UNSAFE",
-    "P_WRONG",
-    "UNSAFE_WORDS",
-    "KnowledgeBase",
-    "continuation_stats",
-    "evaluate_policy",
-    "generate_documents",
-    "heldout_prefixes",
-    "load_corpus",
-    "write_corpus",
-    "FactsPretrainDataModule",
-    "main",
-]
-
+__all__ = ["FactsPretrainDataModule", "main"]
 
 # -- pre-training data ----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Problem data: a LightningDataModule (and datasets) over math problem sets.
 
-The record loaders (MATH, HARP, OlympiadBench, generic jsonl, hub datasets; format detection) live in
-:mod:`~lit_selfimprove.datamodules.problem_sources` and are re-exported here.
+The record loaders (MATH, HARP, OlympiadBench, generic jsonl, hub datasets; format detection) are
+:mod:`~lit_selfimprove.datamodules.problem_sources`.
 """
 
 from __future__ import annotations
@@ -19,22 +19,12 @@ from lit_selfimprove.datamodules.problem_sources import (
     PROBLEM_FORMATS,
     check_levels,
     load_located_problems,
-    load_problems,
-    looks_like_file,
     split_problems,
 )
 from lit_selfimprove.datamodules.prompt_length import check_prompt_lengths, check_too_long_mode
 from lit_selfimprove.distributed import world
 
-__all__ = [
-    "PROBLEM_FORMATS",
-    "ProblemDataModule",
-    "ProblemDataset",
-    "collate_problems",
-    "load_problems",
-    "looks_like_file",
-    "split_problems",
-]
+__all__ = ["ProblemDataModule", "ProblemDataset", "ProblemStream", "collate_problems"]
 
 
 class ProblemDataset(Dataset):
