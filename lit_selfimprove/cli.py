@@ -30,12 +30,13 @@ from lit_selfimprove.callbacks.run_directory import (
     RunDirectoryNotFresh,
     check_fresh_run_directory,
 )
+from lit_selfimprove.moved_settings import check_moved_settings
 
 TOOLS = {
     "failk": "lit_selfimprove.failk",
     "world": "lit_selfimprove.world",
     "sample-questions": "lit_selfimprove.sample_questions",
-    "lm-eval": "lit_selfimprove.evaluation.lm_eval",
+    "lm-eval": "lit_selfimprove.evaluation.lm_eval_cli",
     "gguf-to-hf": "lit_selfimprove.gguf",
     "memory-estimate": "lit_selfimprove.memory_estimate",
     "math500-mc": "lit_selfimprove.evaluation.tasks.math500_mc",
@@ -72,6 +73,8 @@ class SelfImproveCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         self._argv = list(sys.argv[1:] if args is None else args) if not hasattr(args, "items") else None
+        if self._argv is not None:
+            check_moved_settings(self._argv)  # an old config says where its settings went
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
