@@ -40,6 +40,7 @@ from lit_selfimprove.judges.prompts import (
     parse_pairwise,
     parse_safety,
 )
+from lit_selfimprove.judges.verifier import MathVerifierJudge
 
 __all__ = [
     "COMPONENTS",
@@ -61,6 +62,7 @@ __all__ = [
     "LLMPairwiseJudge",
     "LLMRewriter",
     "LLMSafetyJudge",
+    "MathVerifierJudge",
     "OpenAIChatBackend",
     "PairwiseJudge",
     "PointwiseJudge",

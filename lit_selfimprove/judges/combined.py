@@ -129,9 +129,16 @@ class CombinedJudge:
         if sizes[0] < 2:
             raise ValueError(f"need at least 2 candidates per prefix, got {sizes[0]}")
         pivot_ref = self.quality is not None and self.quality_mode == "pivot" and self.pivot == "reference"
-        if self.factuality is not None or pivot_ref:
+        quality_refs = getattr(self.quality, "uses_references", False)
+        if self.factuality is not None or pivot_ref or quality_refs:
             if references is None:
-                need = "the factuality judge" if self.factuality is not None else "pivot='reference'"
+                need = (
+                    "the factuality judge"
+                    if self.factuality is not None
+                    else "pivot='reference'"
+                    if pivot_ref
+                    else f"the quality judge ({type(self.quality).__name__})"
+                )
                 raise ValueError(f"{need} needs references (the original suffixes)")
             if len(references) != batch:
                 raise ValueError(f"got {batch} prefixes but {len(references)} references")
@@ -187,10 +194,14 @@ class CombinedJudge:
         """``[B, C]`` win rates, the number of comparisons and of unparseable ones."""
         pairs, pivots = self._pairs(candidates, references, batch, num)
         text = lambda b, i: references[b] if i == REF else candidates[b][i]  # noqa: E731
+        extra = {}
+        if getattr(self.quality, "uses_references", False):  # e.g. MathVerifierJudge: the document's answer
+            extra["references"] = [references[b] for b, _, _ in pairs]
         verdicts = self.quality.compare(
             [prefixes[b] for b, _, _ in pairs],
             [text(b, i) for b, i, _ in pairs],
             [text(b, j) for b, _, j in pairs],
+            **extra,
         )
         self._check_len("quality", verdicts, len(pairs))
         # column ``num`` collects the reference's verdicts (pivot mode), then is dropped
