@@ -221,11 +221,26 @@ def base_eval(root: Path, args) -> dict:
     return out
 
 
-def summarize(runs: dict, base: dict) -> dict:
+def pq_arm(runs: dict, arm: str, seeds: list[int], ablation_seeds: list[int]) -> dict:
+    """Per seed, the student of a PQ arm. A seed whose SOAR run never promoted has no PQ: the method
+    then gives a student trained on D_train alone, which is that seed's Hard-Only run (the same
+    command, seed and budget), so it counts as such instead of leaving the pairing."""
+    wanted = seeds if arm == "soar_pq" else [s for s in seeds if s in ablation_seeds]
+    out = {}
+    for s in wanted:
+        trained = runs["soar"][s]["students"].get(arm)
+        if trained is None and runs["soar"][s]["promotion_count"] == 0:
+            trained = {**runs["hard_only"][s], "no_pq": True}  # no promotion: D_train alone = Hard-Only
+        if trained is not None:
+            out[s] = trained
+    return out
+
+
+def summarize(runs: dict, base: dict, ablation_seeds: list[int]) -> dict:
     seeds = sorted(runs["soar"])
     arms = {"hard_only": {s: runs["hard_only"][s] for s in seeds}}
     for arm in ("soar_pq", "soar_pq_true_answers"):
-        arms[arm] = {s: runs["soar"][s]["students"][arm] for s in seeds if arm in runs["soar"][s]["students"]}
+        arms[arm] = pq_arm(runs, arm, seeds, ablation_seeds)
     table = {}
     for arm, per_seed in arms.items():
         table[arm] = {}
@@ -263,6 +278,13 @@ def summarize(runs: dict, base: dict) -> dict:
             "pq_answer_right": statistics.mean(p["answer_right"] for p in pq) if pq else None,
         },
         "promotions": {s: runs["soar"][s]["promotion_count"] for s in seeds},
+        # seeds whose SOAR run promoted at least once; the others count as Hard-Only in SOAR-PQ
+        "promotion_rate": {
+            "promoted_seeds": sum(runs["soar"][s]["promotion_count"] > 0 for s in seeds),
+            "seeds": len(seeds),
+            "rate": sum(runs["soar"][s]["promotion_count"] > 0 for s in seeds) / len(seeds),
+            "counted_as_hard_only": [s for s in seeds if runs["soar"][s]["promotion_count"] == 0],
+        },
         "hard_only_signal": {
             "base_success_rate_strict_train": base["strict_train"]["success_rate"],
             "train_reward_mean": statistics.mean(hard_reward) if hard_reward else None,
@@ -315,7 +337,12 @@ def plot(summary: dict, base: dict, path: Path) -> None:
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(METRICS)), ["greedy", "pass@1", "pass@4", "pass@16"])
     ax.set_ylabel("percentage points")
-    ax.set_title("SOAR-PQ - Hard-Only, paired by seed (95% bootstrap CI; dots: seeds)", fontsize=9)
+    rate = summary["promotion_rate"]
+    ax.set_title(
+        f"SOAR-PQ - Hard-Only, paired by seed (95% bootstrap CI; dots: seeds)\n"
+        f"SOAR promoted in {rate['promoted_seeds']}/{rate['seeds']} seeds; the others count as Hard-Only",
+        fontsize=9,
+    )
     ax = axes[2]
     vendi = summary["vendi"]
     keys = [k for k in ("base_teacher", "grounded_t", "intrinsic_t") if k in vendi]
@@ -350,6 +377,11 @@ def print_tables(summary: dict) -> None:
         "PQ well-formed / answer right:",
         summary["questions"]["pq_well_formed"],
         summary["questions"]["pq_answer_right"],
+    )
+    rate = summary["promotion_rate"]
+    print(
+        f"SOAR promoted in {rate['promoted_seeds']}/{rate['seeds']} seeds (without a promotion, no PQ: "
+        f"SOAR-PQ = Hard-Only for seeds {rate['counted_as_hard_only']})"
     )
     print("promotions per seed:", summary["promotions"], "Hard-Only signal:", summary["hard_only_signal"])
 
@@ -386,15 +418,17 @@ def main() -> None:
         records = [json.loads(Path(f).read_text()) for f in args.summarize]
         record = {
             **records[0],
-            "command": [r["command"] for r in records],
-            "wall_s": [r["wall_s"] for r in records],
+            # one record keeps its own command and time; merged ones list each
+            "command": [r["command"] for r in records] if len(records) > 1 else records[0]["command"],
+            "wall_s": [r["wall_s"] for r in records] if len(records) > 1 else records[0]["wall_s"],
         }
         runs = {k: {} for k in records[0]["runs"]}
         for r in records:
             for k, arms in r["runs"].items():
                 runs[k].update({int(s): v for s, v in arms.items()})
         record["runs"] = runs
-        record["summary"] = summarize(runs, record["base_student"])
+        ablation = sorted({s for r in records for s in r["args"]["ablation_seeds"]})
+        record["summary"] = summarize(runs, record["base_student"], ablation)
         Path(args.out).write_text(json.dumps(record, indent=2))
         plot(record["summary"], record["base_student"], Path(args.plot))
         print_tables(record["summary"])
@@ -420,7 +454,7 @@ def main() -> None:
             "base_teacher": {s: f.result() for s, f in base_teacher.items()},
         }
         base_rates = base.result()
-    summary = summarize(runs, base_rates)
+    summary = summarize(runs, base_rates, args.ablation_seeds)
     record = {
         "command": " ".join(sys.argv),
         "wall_s": time.time() - t0,
