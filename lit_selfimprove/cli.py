@@ -42,6 +42,7 @@ TOOLS = {
     "math500-mc": "lit_selfimprove.evaluation.tasks.math500_mc",
     "facts-world": "lit_selfimprove.datamodules.facts_world",
     "judge-labels": "lit_selfimprove.datamodules.tiny_judge_labels",
+    "soar-corpus": "lit_selfimprove.datamodules.soar_corpus",
 }
 
 

@@ -126,9 +126,6 @@ def build_fail_at_k(
     ``model_name`` / ``tokenizer_name`` (default: their ``name_or_path``) and ``source`` are recorded in
     the progress file with the sampling settings: resuming with any of them changed raises ``ValueError``.
     """
-    from lit_selfimprove.generation import generate
-    from lit_selfimprove.rewards.base import score_completions
-
     for name, value in (
         ("k", k),
         ("problems_per_batch", problems_per_batch),
@@ -154,13 +151,34 @@ def build_fail_at_k(
         "problems_digest": records_digest(records),
     }
     done = _resume(progress_path, settings)
-    # Fixed chunks of the input order, each with its own seed: a resumed run redoes only the
-    # unfinished chunks and samples exactly what an uninterrupted run would have.
+    prompt = functools.partial(_render, tokenizer, prompt_template, use_chat_template)
+    sample = functools.partial(
+        _count_correct, model, tokenizer, prompt, reward, k=k, samples_per_round=samples_per_round,
+        max_new_tokens=max_new_tokens, temperature=temperature,
+    )  # fmt: skip
+    _sample_unfinished_chunks(records, done, progress_path, sample, problems_per_batch, seed, k, progress)
+    about = {"model": settings["model"], "source": source}
+    return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed, about=about)
+
+
+def _sample_unfinished_chunks(
+    records: list[dict],
+    done: dict[str, dict],
+    progress_path: Path,
+    sample: Callable[[list[dict], torch.Generator], dict[str, dict]],
+    problems_per_batch: int,
+    seed: int,
+    k: int,
+    progress: bool,
+) -> None:
+    """Count the correct samples of every problem not yet in ``done`` (updated in place), a chunk at a
+    time, appending each chunk's rows to the progress file.
+
+    Fixed chunks of the input order, each with its own seed: a resumed run redoes only the
+    unfinished chunks and samples exactly what an uninterrupted run would have.
+    """
     chunks = [records[i : i + problems_per_batch] for i in range(0, len(records), problems_per_batch)]
     todo = [(i, c) for i, c in enumerate(chunks) if any(r["id"] not in done for r in c)]
-
-    prompt = functools.partial(_render, tokenizer, prompt_template, use_chat_template)
-
     bar = tqdm(
         total=len(records),
         initial=len(records) - sum(len(c) for _, c in todo),
@@ -173,22 +191,7 @@ def build_fail_at_k(
         if progress_path.stat().st_size and not progress_path.read_bytes().endswith(b"\n"):
             log.write("\n")  # close a line cut by a crash, so the next row stays readable
         for index, batch in todo:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            counts = {r["id"]: {"n": 0, "correct": 0} for r in batch}
-            active = list(batch)
-            while active:
-                per = min(samples_per_round, k - counts[active[0]["id"]]["n"])
-                ro = generate(model, tokenizer, [prompt(r["question"]) for r in active], num_samples=per,
-                              max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)  # fmt: skip
-                answers = [r["answer"] for r in active for _ in range(per)]
-                _, correct = score_completions(reward, ro.texts, answers)
-                still = []
-                for r, c in zip(active, correct.view(len(active), per)):
-                    counts[r["id"]]["n"] += per
-                    counts[r["id"]]["correct"] += int(c.sum())
-                    if counts[r["id"]]["correct"] == 0 and counts[r["id"]]["n"] < k:
-                        still.append(r)
-                active = still
+            counts = sample(batch, torch.Generator().manual_seed(seed * 1_000_003 + index))
             for r in batch:
                 row = {"id": r["id"], **counts[r["id"]]}
                 done[r["id"]] = row
@@ -197,8 +200,42 @@ def build_fail_at_k(
             bar.set_postfix(_bar_counts(done), refresh=False)  # shown by the update
             bar.update(len(batch))
     bar.close()
-    about = {"model": settings["model"], "source": source}
-    return _write_hard_set(out, records, done, k=k, test_fraction=test_fraction, seed=seed, about=about)
+
+
+def _count_correct(
+    model,
+    tokenizer,
+    prompt: Callable[[str], str],
+    reward,
+    batch: list[dict],
+    gen: torch.Generator,
+    k: int,
+    samples_per_round: int,
+    max_new_tokens: int,
+    temperature: float,
+) -> dict[str, dict]:
+    """``{id: {"n": samples drawn, "correct": correct ones}}`` of one chunk: rounds of
+    ``samples_per_round`` samples per problem, a problem leaving at its first correct sample (it
+    cannot be 0/k any more) or after ``k`` samples."""
+    from lit_selfimprove.generation import generate
+    from lit_selfimprove.rewards.base import score_completions
+
+    counts = {r["id"]: {"n": 0, "correct": 0} for r in batch}
+    active = list(batch)
+    while active:
+        per = min(samples_per_round, k - counts[active[0]["id"]]["n"])
+        ro = generate(model, tokenizer, [prompt(r["question"]) for r in active], num_samples=per,
+                      max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)  # fmt: skip
+        answers = [r["answer"] for r in active for _ in range(per)]
+        _, correct = score_completions(reward, ro.texts, answers)
+        still = []
+        for r, c in zip(active, correct.view(len(active), per)):
+            counts[r["id"]]["n"] += per
+            counts[r["id"]]["correct"] += int(c.sum())
+            if counts[r["id"]]["correct"] == 0 and counts[r["id"]]["n"] < k:
+                still.append(r)
+        active = still
+    return counts
 
 
 def _bar_counts(done: dict[str, dict]) -> dict[str, int]:
@@ -275,7 +312,8 @@ def _write(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``lit-selfimprove failk`` (every number checked as it is parsed)."""
     p = argparse.ArgumentParser(prog="lit_selfimprove.failk", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="hub id, local folder or builtin:tiny-student")
     p.add_argument("--tokenizer", default=None)
@@ -327,15 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["builtin", "vllm"], default="builtin",
                    help="generation backend (vllm: a colocated vLLM engine)")  # fmt: skip
-    args = p.parse_args(argv)
+    return p
 
-    from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-    from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT
-    from lit_selfimprove.rewards import MathVerifyReward
 
-    template = args.prompt_template or SOAR_STUDENT_PROMPT
-    if "{question}" not in template:
-        p.error("--prompt-template must contain a {question} field")
+def _source_problems(args: argparse.Namespace) -> tuple[list[dict], list[str], str]:
+    """``(records, origins, source)`` of ``--source`` after ``--limit`` / ``--levels`` /
+    ``--source-part``; ``source`` names them all (it is recorded with the progress settings)."""
     records, _, origins = load_located_problems(
         args.source, format=args.format, split=args.hub_split, limit=args.limit, levels=args.levels
     )
@@ -350,6 +385,22 @@ def main(argv: list[str] | None = None) -> dict:
             f" part={args.source_part} test_fraction={args.source_test_fraction} "
             f"split_seed={args.source_split_seed}"
         )
+    return records, origins, source
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``lit-selfimprove failk``: build the fail@k hard set of ``--source``; returns its summary."""
+    p = _parser()
+    args = p.parse_args(argv)
+
+    from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
+    from lit_selfimprove.prompts import SOAR_STUDENT_PROMPT
+    from lit_selfimprove.rewards import MathVerifyReward
+
+    template = args.prompt_template or SOAR_STUDENT_PROMPT
+    if "{question}" not in template:
+        p.error("--prompt-template must contain a {question} field")
+    records, origins, source = _source_problems(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     render = functools.partial(_render, tokenizer, template, args.use_chat_template)
     records = _fitting_records(

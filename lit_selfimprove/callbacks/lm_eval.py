@@ -18,7 +18,8 @@ the module's logger at the current step. Each run's summary is also appended to
 Every rank runs the evaluation (a sharded FSDP2 policy needs all ranks in its forwards; lm-eval
 sees one process each) and the results of global rank 0 are logged. The global RNG states and the
 policy's train / eval mode are restored afterwards, so training draws what it would have drawn.
-Without network access each task's dataset must be local (see :mod:`lit_selfimprove.evaluation.lm_eval`).
+Without network access each task's dataset must be local
+(see :mod:`lit_selfimprove.evaluation.lm_eval_adapter`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from lit_selfimprove.evaluation.lm_eval import METRICS, MODEL_ATTRIBUTES, _as_list, evaluate_model
+from lit_selfimprove.evaluation.checkpoint import MODEL_ATTRIBUTES
+from lit_selfimprove.evaluation.lm_eval_adapter import METRICS, evaluate_model, split_names
 
 
 class LMEval(Callback):
@@ -65,7 +67,7 @@ class LMEval(Callback):
         filename: str | None = "lm_eval.jsonl",
         seed: int = 0,
     ):
-        self.tasks = _as_list(tasks)
+        self.tasks = split_names(tasks)
         if not self.tasks:
             raise ValueError("LMEval needs at least one task")
         if every_n_val_runs < 1:
@@ -86,9 +88,9 @@ class LMEval(Callback):
         self.last: dict[str, Any] | None = None  # the latest summary
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from lit_selfimprove.evaluation.lm_eval import _require_lm_eval
+        from lit_selfimprove.evaluation.lm_eval_adapter import require_lm_eval
 
-        _require_lm_eval()  # fail at start-up, not at the first evaluation
+        require_lm_eval()  # fail at start-up, not at the first evaluation
 
     def _model(self, pl_module: LightningModule) -> torch.nn.Module:
         names = [self.attribute] if self.attribute else list(MODEL_ATTRIBUTES)

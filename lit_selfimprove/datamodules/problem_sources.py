@@ -361,6 +361,31 @@ def load_located_problems(
     fmt = _detect_format(source) if format == "auto" else format
 
     kind, rows, unit, fallback = _source_rows(source, fmt, split)
+    records, origins, n_skipped, seen_levels = _read_records(
+        source, rows, kind, fields, unit, fallback, skip_malformed, levels, limit
+    )
+    if not records:
+        raise ValueError(
+            f"no problems loaded from {source!r} (format {fmt!r}, {n_skipped} malformed skipped)"
+            + _levels_note(levels, seen_levels)
+        )
+    return records, n_skipped, origins
+
+
+def _read_records(
+    source: str,
+    rows: Iterator[tuple[str, int, Any]],
+    kind: str,
+    fields: tuple[str | None, str | None, str | None],
+    unit: str,
+    fallback: Callable[[int], str],
+    skip_malformed: bool,
+    levels: list[int] | None,
+    limit: int | None,
+) -> tuple[list[dict[str, str]], list[str], int, set[int | None]]:
+    """``(records, origins, n_skipped, levels seen)`` of a source's raw rows (:func:`_source_rows`):
+    each converted (a malformed one or a duplicate id raises, or is counted with ``skip_malformed``),
+    kept when its level is in ``levels``, until ``limit`` are kept."""
     records: list[dict[str, str]] = []
     origins: list[str] = []
     seen: dict[str, int] = {}
@@ -388,12 +413,7 @@ def load_located_problems(
         origins.append(_origin(source, where, unit, number))
         if limit is not None and len(records) >= limit:
             break
-    if not records:
-        raise ValueError(
-            f"no problems loaded from {source!r} (format {fmt!r}, {n_skipped} malformed skipped)"
-            + _levels_note(levels, seen_levels)
-        )
-    return records, n_skipped, origins
+    return records, origins, n_skipped, seen_levels
 
 
 def _levels_note(levels: list[int] | None, seen_levels: set[int | None]) -> str:

@@ -1,19 +1,11 @@
-"""Standard-benchmark evaluation of a policy through lm-evaluation-harness (``lm-eval``).
+"""lm-evaluation-harness (``lm-eval``) on a causal LM in memory: the adapter that every evaluation here
+goes through (the ``lm-eval`` command, :mod:`~lit_selfimprove.evaluation.lm_eval_cli`, and the
+``LMEval`` callback during training).
 
-    python -m lit_selfimprove lm-eval --model runs/sip_dpo_continual/version_0/checkpoints/last.ckpt \\
-        --tasks boolq,piqa,social_iqa,hellaswag,arc_easy,arc_challenge,openbookqa,mmlu --output lm_eval.json
-    python -m lit_selfimprove lm-eval --model builtin:tiny-sip-policy --tasks my_task --include-path my_tasks/
-
-The paper (METHODS.md section 2) reports BoolQ, PIQA, SIQA, HellaSwag, ARC-e / ARC-c, OBQA and
-MMLU after Self-Improving Pretraining (average +3.2 over the next-token baseline); their
-lm-eval names are :data:`PAPER_TASKS` (SIQA is ``social_iqa``).
-
-The model is evaluated in memory: lm-eval's ``HFLM`` wraps the loaded (or training) model and its
-tokenizer, nothing is downloaded for the model. ``--model`` is a Hugging Face folder, a hub id, a
-``builtin:NAME`` tiny model, or a Lightning checkpoint of ``SuffixPolicyDPO`` / ``StudentRLVR``
-(weights under ``policy.``) or ``NextTokenLM`` (under ``model.``): a ``.ckpt`` file, or the folder
-of a distributed (FSDP2) checkpoint. The architecture comes from the checkpoint's ``model``
-hyper-parameter (only its config is read), the weights from the checkpoint.
+lm-eval's ``HFLM`` wraps the loaded (or training) model and its tokenizer, nothing is downloaded for
+the model. The Self-Improving Pretraining paper reports BoolQ, PIQA, SIQA, HellaSwag, ARC-e / ARC-c,
+OBQA and MMLU after SIP (average +3.2 over the next-token baseline); their lm-eval names are
+:data:`PAPER_TASKS` (SIQA is ``social_iqa``).
 
 Task datasets are loaded by lm-eval (``datasets.load_dataset``): without network access a task's
 dataset must be local, in the datasets cache or given by a task YAML of your own
@@ -37,14 +29,11 @@ metric asked for; ``average`` is the mean score over the tasks asked for (a grou
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
-import json
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,7 +62,6 @@ ALIASES = {
     "obqa": "openbookqa",
 }
 METRICS = ("auto", "acc", "acc_norm")
-MODEL_ATTRIBUTES = ("policy", "model")  # SuffixPolicyDPO / StudentRLVR, NextTokenLM
 INSTALL_HINT = "pip install 'lit-selfimprove[eval]' (or pip install lm-eval)"
 LIST_HINT = (
     "list lm-eval's task names with `lm-eval ls tasks` (e.g. boolq, piqa, social_iqa, hellaswag, "
@@ -101,7 +89,8 @@ class LMEvalError(RuntimeError):
     """An evaluation that cannot run as asked (unknown task, unreachable dataset, bad checkpoint)."""
 
 
-def _require_lm_eval():
+def require_lm_eval():
+    """The ``lm_eval`` package, or an ``ImportError`` saying how to install it."""
     try:
         import lm_eval
     except ImportError as err:
@@ -111,103 +100,8 @@ def _require_lm_eval():
     return lm_eval
 
 
-# ------------------------------------------------------------------------------------ models
-def is_lightning_checkpoint(path: str | Path) -> bool:
-    """A ``.ckpt`` file, or a distributed checkpoint folder (Lightning's ``meta.pt`` + shards)."""
-    p = Path(str(path)).expanduser()
-    return p.suffix == ".ckpt" or (p.is_dir() and (p / "meta.pt").is_file() and (p / ".metadata").is_file())
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():  # ModelParallelStrategy (FSDP2) writes a folder of shards
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(path)
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _architecture(hp: dict[str, Any], tokenizer: str | None) -> torch.nn.Module:
-    """The checkpoint's model with random weights: from the config of ``hp["model"]`` (nothing but
-    the config is read), or ``NextTokenLM``'s ``model_config`` (a Llama trained from scratch)."""
-    if hp.get("model"):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from lit_selfimprove.assets import resolve_model
-
-        config = AutoConfig.from_pretrained(resolve_model(hp["model"]))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if hp.get("model_config"):
-        from lit_selfimprove.modules.next_token import NextTokenLM
-
-        module = NextTokenLM(model=None, tokenizer=tokenizer, model_config=dict(hp["model_config"]))
-        module.configure_model()
-        return module.model
-    raise LMEvalError("the checkpoint's hyper-parameters name neither `model` nor `model_config`")
-
-
-def _model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, str | None]:
-    """``(model, tokenizer name)`` from a Lightning checkpoint of a module with a ``policy`` or
-    ``model`` attribute; LoRA adapters are merged into the base weights."""
-    ckpt = _read_checkpoint(path)
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    state = ckpt.get("state_dict") or {}
-    attr = next((a for a in MODEL_ATTRIBUTES if any(k.startswith(a + ".") for k in state)), None)
-    if attr is None:
-        heads = sorted({k.split(".")[0] for k in state})
-        raise LMEvalError(
-            f"{path}: no `policy.` or `model.` weights in the checkpoint (found {heads[:6]}): not a "
-            "SuffixPolicyDPO / StudentRLVR / NextTokenLM checkpoint"
-        )
-    if hp.get("quantization"):
-        raise LMEvalError(f"{path}: a policy trained with `quantization` cannot be read back here")
-    tokenizer = hp.get("tokenizer") or hp.get("model")
-    model = _architecture(hp, tokenizer)
-    if hp.get("lora"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **dict(hp["lora"])))
-    weights = {k[len(attr) + 1 :]: v for k, v in state.items() if k.startswith(attr + ".")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise LMEvalError(
-            f"{path}: the `{attr}.` weights do not fit {hp.get('model') or 'model_config'} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    if hp.get("lora"):
-        model = model.merge_and_unload()
-    if tokenizer is None:
-        raise LMEvalError(f"{path}: no tokenizer in the checkpoint's hyper-parameters; pass --tokenizer")
-    return model, tokenizer
-
-
-def load_eval_model(
-    path: str,
-    tokenizer: str | None = None,
-    dtype: str = "float32",
-    device: str | torch.device | None = None,
-) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA when available) from an HF
-    folder / hub id / ``builtin:NAME`` or a Lightning checkpoint (see the module docstring)."""
-    from lit_selfimprove.modeling import load_causal_lm, load_tokenizer, parse_dtype
-
-    if is_lightning_checkpoint(path):
-        model, tok_name = _model_from_checkpoint(Path(str(path)).expanduser())
-        torch_dtype = parse_dtype(dtype)
-        if isinstance(torch_dtype, torch.dtype):
-            model.to(torch_dtype)
-    else:
-        model, tok_name = load_causal_lm(path, dtype=dtype), path
-    tok = load_tokenizer(tokenizer or tok_name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    model.eval()
-    return model, tok
-
-
-# ------------------------------------------------------------------------------------- tasks
-def _as_list(value: str | Sequence[str] | None) -> list[str]:
+def split_names(value: str | Sequence[str] | None) -> list[str]:
+    """Names given as ``"a,b"`` or a sequence, as a list (stripped, empty ones dropped)."""
     if value is None:
         return []
     items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
@@ -221,10 +115,10 @@ def task_manager(tasks: Sequence[str], include_path: str | Sequence[str] | None 
     """lm-eval's ``TaskManager`` for ``tasks``: only the ``include_path`` folders when they hold
     every task (indexing lm-eval's own ~15,000 task YAMLs takes seconds), else with lm-eval's
     tasks too. Raises :class:`LMEvalError` naming the unknown tasks."""
-    _require_lm_eval()
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    paths = _as_list(include_path)
+    paths = split_names(include_path)
     for p in paths:
         if not Path(p).expanduser().is_dir():
             raise LMEvalError(f"include_path {p!r} is not a folder (it should hold task YAML files)")
@@ -270,7 +164,6 @@ def dataset_error(tasks: Sequence[str], err: BaseException) -> LMEvalError:
     )
 
 
-# ------------------------------------------------------------------------------- evaluation
 @contextlib.contextmanager
 def _kept_state(model: torch.nn.Module, quiet: bool) -> Iterator[None]:
     """Restore the global RNGs (lm-eval reseeds python, numpy and torch) and the model's train mode
@@ -372,10 +265,10 @@ def evaluate_model(
             (without network access it must be local).
         ImportError: lm-eval is not installed.
     """
-    _require_lm_eval()
+    require_lm_eval()
     from lm_eval import simple_evaluate
 
-    task_list = _as_list(tasks)
+    task_list = split_names(tasks)
     if not task_list:
         raise LMEvalError(f"no tasks given; {LIST_HINT}")
     if metric not in METRICS:
@@ -463,104 +356,3 @@ def summarize(results: dict[str, Any], tasks: Sequence[str], metric: str = "auto
             "n-samples": n_samples,
         },
     }
-
-
-def evaluate_path(
-    path: str,
-    tasks: str | Sequence[str],
-    tokenizer: str | None = None,
-    dtype: str = "float32",
-    device: str | None = None,
-    **kwargs: Any,
-) -> dict[str, Any] | None:
-    """:func:`load_eval_model` then :func:`evaluate_model` (``kwargs``); the summary names the model."""
-    model, tok = load_eval_model(path, tokenizer=tokenizer, dtype=dtype, device=device)
-    summary = evaluate_model(model, tok, tasks, **kwargs)
-    if summary is not None:
-        summary["model"] = str(path)
-    return summary
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of the summary's tasks and average."""
-
-    def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    width = max([len("average")] + [len(t) for t in summary["tasks"]])
-    lines = [f"{'task':<{width}}  {'acc':>7}  {'acc_norm':>8}  {'score':>7}  n"]
-    for name, e in summary["tasks"].items():
-        n = "-" if e["num_samples"] is None else str(e["num_samples"])
-        lines.append(
-            f"{name:<{width}}  {fmt(e['acc']):>7}  {fmt(e['acc_norm']):>8}  {fmt(e['score']):>7}  {n}"
-        )
-    lines.append(f"{'average':<{width}}  {'':>7}  {'':>8}  {fmt(summary['average']):>7}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def _limit(text: str) -> int | float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--limit must be > 0")
-    return int(value) if value >= 1 and value == int(value) else value
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    p = argparse.ArgumentParser(
-        prog="lit_selfimprove lm-eval",
-        description="Evaluate a policy on lm-evaluation-harness tasks (acc / acc_norm per task, average).",
-    )
-    p.add_argument(
-        "--model", required=True, help="HF folder / hub id / builtin:NAME, or a Lightning checkpoint"
-    )
-    p.add_argument("--tokenizer", default=None, help="default: the model's (a checkpoint's hyper-parameters)")
-    p.add_argument(
-        "--tasks", required=True, help=f"comma-separated lm-eval tasks (paper: {','.join(PAPER_TASKS)})"
-    )
-    p.add_argument("--include-path", action="append", default=None, help="folder of task YAMLs (repeatable)")
-    p.add_argument("--limit", type=_limit, default=None, help="documents per task (N, or a share < 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--metric", choices=METRICS, default="auto", help="the per-task score that is averaged")
-    p.add_argument("--max-length", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default="float32", help="float32 (CPU), bfloat16, float16")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="write the summary (and lm-eval's results) as JSON")
-    p.add_argument("--log-samples", action="store_true", help="keep per-document records in --output")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
-    tasks = _as_list(args.tasks)
-    try:
-        _require_lm_eval()
-        print(f"lm-eval: checking tasks {tasks} ...", file=sys.stderr, flush=True)
-        task_manager(tasks, args.include_path)  # unknown names fail before the model loads
-        print(f"lm-eval: loading {args.model} ...", file=sys.stderr, flush=True)
-        summary = evaluate_path(
-            args.model,
-            tasks,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            device=args.device,
-            include_path=args.include_path,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            num_fewshot=args.num_fewshot,
-            metric=args.metric,
-            max_length=args.max_length,
-            seed=args.seed,
-            log_samples=args.log_samples,
-        )
-    except (LMEvalError, ImportError, FileNotFoundError) as err:
-        raise SystemExit(f"lm-eval: {err}") from err
-    if summary is None:
-        return None
-    print(format_table(summary))
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2, default=str))
-        print(f"lm-eval: wrote {out}", file=sys.stderr)
-    return summary
