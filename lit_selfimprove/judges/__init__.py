@@ -30,6 +30,7 @@ from lit_selfimprove.judges.knowledge_base import (
     kb_batch_stats,
 )
 from lit_selfimprove.judges.llm import LLMFactualityJudge, LLMPairwiseJudge, LLMRewriter, LLMSafetyJudge
+from lit_selfimprove.judges.model_rewriter import ModelRewriter
 from lit_selfimprove.judges.prompts import (
     FACTUALITY_TEMPLATE,
     PAIRWISE_QUALITY_TEMPLATE,
@@ -63,6 +64,7 @@ __all__ = [
     "LLMRewriter",
     "LLMSafetyJudge",
     "MathVerifierJudge",
+    "ModelRewriter",
     "OpenAIChatBackend",
     "PairwiseJudge",
     "PointwiseJudge",
