@@ -97,6 +97,43 @@ def sample_levels(weights: Sequence[float], n: int, rng: random.Random) -> list[
     return rng.choices(levels, weights=weights, k=n)
 
 
+# the student's pre-training mixture (configs/tiny/pretrain_student.yaml): levels 1-6, sloppy on 3-6
+PRETRAIN_LEVEL_WEIGHTS = (0.1, 0.15, 0.25, 0.25, 0.15, 0.1)
+PRETRAIN_SLOPPY_LEVELS = (3, 4, 5, 6)
+PRETRAIN_CARRY_DROP = 0.7
+
+
+def plain_documents(
+    n: int,
+    seed: int,
+    level_weights: Sequence[float] = PRETRAIN_LEVEL_WEIGHTS,
+    sloppy_levels: Sequence[int] = PRETRAIN_SLOPPY_LEVELS,
+    carry_drop: float = PRETRAIN_CARRY_DROP,
+    template: str = "Q: {question}\nA: {solution}",
+) -> list[dict]:
+    """``n`` documents of the world as the student was pre-trained on them: a problem of the
+    pre-training level mixture and its scratchpad solution, sloppy (carries dropped with
+    ``carry_drop``) on ``sloppy_levels``. ``meta`` holds the question, the true ``answer``, the
+    level and whether the document's own boxed result is right (``right``)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    docs = []
+    for i, level in enumerate(sample_levels(level_weights, n, rng)):
+        p = make_problem(level, rng)
+        solution = student_solution(p["question"], carry_drop if level in sloppy_levels else 0.0, rng)
+        right = extract_boxed(solution) == p["answer"]
+        meta = {"question": p["question"], "answer": p["answer"], "level": level, "right": right}
+        docs.append(
+            {
+                "id": f"plain-{seed}-{i}",
+                "text": template.format(question=p["question"], solution=solution),
+                "meta": meta,
+            }
+        )
+    return docs
+
+
 def generate_problems(
     levels: int | Sequence[int],
     n: int,
