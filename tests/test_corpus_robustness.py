@@ -19,8 +19,9 @@ import torch
 
 from lit_selfimprove.datamodules import prefix_suffix
 from lit_selfimprove.datamodules.prefix_suffix import PrefixSuffixDataModule, PrefixSuffixDataset
+from lit_selfimprove.datamodules.prefix_suffix.chunking import text_pieces
 from lit_selfimprove.modeling import load_tokenizer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TOK = "builtin:tiny-tokenizer"
 WORDS = "the quick brown fox jumps over the lazy dog. "
@@ -157,9 +158,7 @@ def _byte_level_bpe(corpus: str):
 
 
 @pytest.mark.parametrize("kind", ["char", "byte-level BPE"])
-def test_tokenizing_in_pieces_equals_one_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
-) -> None:
+def test_tokenizing_in_pieces_equals_one_call(tmp_path: Path, kind: str) -> None:
     parts = [
         WORDS * 3,
         "double  spaces and\ttabs\n\nparagraphs\n\n\nthree newlines ",
@@ -175,15 +174,19 @@ def test_tokenizing_in_pieces_equals_one_call(
     expected = tok(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     path = tmp_path / "doc.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
-    monkeypatch.setattr(prefix_suffix, "_PIECE_CHARS", 64)  # ~80 pieces instead of one
-    items = list(_ds(str(path), tokenizer=tok, min_suffix_tokens=1))
+    items = list(_ds(str(path), tokenizer=tok, min_suffix_tokens=1, piece_chars=64))  # ~80 pieces, not one
     got = torch.cat([items[0]["prefix_ids"], *(it["suffix_ids"] for it in items)]).tolist()
     assert got == list(expected)
 
 
+def test_piece_chars_is_checked() -> None:
+    with pytest.raises(ValueError, match="piece_chars must be >= 1"):
+        _ds("doc.jsonl", piece_chars=0)
+
+
 def test_text_pieces_cut_between_words() -> None:
     text = ("alpha beta  gamma\n\ndelta\tepsilon " * 20) + "w" * 300 + " end" + "v" * 63 + "\n\n" + "u" * 70
-    pieces = list(prefix_suffix._text_pieces(text, 64))
+    pieces = list(text_pieces(text, 64))
     assert "".join(pieces) == text and all(0 < len(p) <= 64 for p in pieces)
     cuts = [sum(map(len, pieces[:i])) for i in range(1, len(pieces))]
     for cut in cuts:

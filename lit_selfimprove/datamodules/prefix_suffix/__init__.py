@@ -18,6 +18,9 @@ then the ``hf_name`` dataset):
 * ``.txt``: the whole file is ONE document (no ``meta``). Paragraphs are not split into documents because
   the earlier paragraphs of an article or book are exactly the prefix a later chunk should be conditioned on.
 * folders (searched recursively for the extensions above) and glob patterns (``**`` allowed).
+* ``soar:PATH``: a SOAR run directory or rows file (PQ, teacher samples, sampled questions), rendered as
+  question / answer documents once into a cached ``.jsonl`` (:mod:`~lit_selfimprove.datamodules.soar_corpus`;
+  ``python -m lit_selfimprove soar-corpus`` renders them with a student's own solutions instead).
 * ``hf_name``: ``datasets.load_dataset(hf_name, hf_config, split=hf_split, data_files=data_files,
   streaming=True)``: a hub id, a local dataset folder, or a builder such as ``"json"`` with ``data_files``. A
   name that looks like a local path (see :func:`~.sources._looks_local`) and does not exist fails at once.
@@ -50,11 +53,11 @@ Pipeline, for one *slot* (a data-parallel rank x dataloader worker; ``num_slots 
    depends on nothing but the document: not on source order, sharding, ``seed`` or ``PYTHONHASHSEED``.
 4. **Chunks.** A document whose text is empty or whitespace only is skipped and counted (``empty``). The text
    is tokenized without added special tokens (literal special-token text such as ``"<eos>"`` inside a
-   document is tokenized as ordinary text), in pieces of at most 100,000 characters cut between words (see
-   :func:`_text_pieces`), so that a huge document does not take the tokenizer's memory per character times
-   its length. Suffix ``k`` starts at token ``s_k`` and holds ``suffix_tokens`` tokens; its prefix is the
-   ``context_length - suffix_tokens`` tokens before it (fewer at the start of a document, never fewer than
-   ``min_prefix_tokens``). ``split_mode="fixed"``:
+   document is tokenized as ordinary text), in pieces of at most ``piece_chars`` (100,000) characters cut
+   between words (see :func:`~.chunking.text_pieces`), so that a huge document does not take the tokenizer's
+   memory per character times its length. Suffix ``k`` starts at token ``s_k`` and holds ``suffix_tokens``
+   tokens; its prefix is the ``context_length - suffix_tokens`` tokens before it (fewer at the start of a
+   document, never fewer than ``min_prefix_tokens``). ``split_mode="fixed"``:
    ``s_k = min_prefix_tokens + k * suffix_tokens``; ``"random"``: the same grid shifted by a random offset
    in ``[0, suffix_tokens)`` drawn per document and epoch from ``seed`` (deterministic, different every
    epoch); with ``max_chunks_per_doc`` the first chunks are kept (fixed) or a random subset (random). A tail
@@ -84,7 +87,6 @@ are read and decoded by :mod:`lit_selfimprove.datamodules.readers`, shared with 
 
 from __future__ import annotations
 
-from lit_selfimprove.datamodules.prefix_suffix.chunking import _text_pieces as _text_pieces  # re-exported
 from lit_selfimprove.datamodules.prefix_suffix.chunking import collate_prefix_suffix
 from lit_selfimprove.datamodules.prefix_suffix.config import SPLIT_MODES, CorpusConfig
 from lit_selfimprove.datamodules.prefix_suffix.datamodule import PrefixSuffixDataModule
@@ -102,8 +104,3 @@ __all__ = [
     "collate_prefix_suffix",
     "resolve_source_files",
 ]
-
-# Longest piece of a document tokenized in one call: the tokenizer's working memory (hundreds of bytes per
-# character for a fast tokenizer) is bounded by it instead of by the document's length. Read at call time
-# by the chunking, so this is the one place to change it.
-_PIECE_CHARS = 100_000

@@ -4,7 +4,6 @@ the collation of chunk items into the batches SIP modules consume."""
 from __future__ import annotations
 
 import random
-import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from lit_selfimprove.datamodules.prefix_suffix.config import CorpusConfig
 from lit_selfimprove.datamodules.prefix_suffix.splits import _hash_int
 
 
-def _text_pieces(text: str, size: int) -> Iterator[str]:
+def text_pieces(text: str, size: int) -> Iterator[str]:
     """``text`` in consecutive pieces of at most ``size`` characters, each cut (in the second half of its
     window) before a single space between two non-space characters: where byte-level BPE pre-tokenizers
     (GPT-2, Llama 3) start a word anyway, so that they and a char tokenizer tokenize the pieces exactly as the
@@ -37,11 +36,6 @@ def _text_pieces(text: str, size: int) -> Iterator[str]:
         yield text[start:cut]
         start = cut
     yield text[start:]
-
-
-def _piece_chars() -> int:
-    """The package's ``_PIECE_CHARS``, read at call time (one setting, which a test may patch)."""
-    return sys.modules[__package__]._PIECE_CHARS
 
 
 @dataclass
@@ -69,14 +63,29 @@ def _chunk_starts(cfg: CorpusConfig, n_tokens: int, doc_id: str, epoch: int) -> 
     return starts
 
 
+def _marker_starts(cfg: CorpusConfig, cuts: Sequence[int], n_tokens: int) -> Sequence[int]:
+    """Split mode ``marker``: the token positions after the marker that leave a long enough prefix and suffix."""
+    starts = [s for s in cuts if s >= cfg.min_prefix_tokens and n_tokens - s >= cfg.min_suffix]
+    return starts[: cfg.max_chunks_per_doc] if cfg.max_chunks_per_doc is not None else starts
+
+
 def _make_doc(cfg: CorpusConfig, tok: Any, text: str, doc_id: str, epoch: int) -> _Doc:
-    """Tokenize ``text`` in pieces of at most ``_PIECE_CHARS`` characters (see :func:`_text_pieces`), so
-    that the tokenizer's memory does not grow with the document, into a compact int32 array."""
+    """Tokenize ``text`` in pieces of at most ``cfg.piece_chars`` characters (see :func:`text_pieces`), so
+    that the tokenizer's memory does not grow with the document, into a compact int32 array. In split mode
+    ``marker`` the text is first cut after each ``split_marker`` and the parts tokenized one by one."""
     tokens = array("i")
-    for piece in _text_pieces(text, _piece_chars()):
-        tokens.extend(
-            tok(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-        )
+    marker = cfg.split_marker if cfg.split_mode == "marker" else None
+    parts = text.split(marker) if marker else [text]
+    cuts = []
+    for i, part in enumerate(parts):
+        part = part + marker if marker and i < len(parts) - 1 else part
+        for piece in text_pieces(part, cfg.piece_chars) if part else ():
+            tokens.extend(
+                tok(piece, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            )
+        cuts.append(len(tokens))
+    if marker:
+        return _Doc(doc_id, tokens, _marker_starts(cfg, cuts[:-1], len(tokens)))
     return _Doc(doc_id, tokens, _chunk_starts(cfg, len(tokens), doc_id, epoch))
 
 

@@ -12,7 +12,7 @@ from lit_selfimprove.datamodules.prefix_suffix.meta_filter import _check_meta_fi
 from lit_selfimprove.datamodules.prefix_suffix.sources import _check_hf_name
 from lit_selfimprove.datamodules.prefix_suffix.splits import DEFAULT_SPLITS, _check_splits
 
-SPLIT_MODES = ("fixed", "random")
+SPLIT_MODES = ("fixed", "random", "marker")
 
 
 def _check_chunking(
@@ -63,6 +63,14 @@ class CorpusConfig:
     split_salt: str = ""
     seed: int = 0
     skip_malformed: bool = False
+    # Longest piece of a document tokenized in one call (cut between words, see chunking.text_pieces): the
+    # tokenizer's working memory (hundreds of bytes per character for a fast tokenizer) is bounded by it
+    # instead of by the document's length. Not part of the stream's fingerprint: a memory bound.
+    piece_chars: int = 100_000
+    # split_mode "marker": a suffix starts right after every occurrence of this text (e.g. "\nA: " in
+    # question / answer documents: the question is the prefix, the worked answer the suffix). The text
+    # before and after each cut is tokenized separately, so the cut is a token boundary for any tokenizer.
+    split_marker: str | None = None
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> CorpusConfig:
@@ -77,8 +85,15 @@ class CorpusConfig:
             self.min_suffix_tokens,
             self.max_chunks_per_doc,
         )
+        if self.piece_chars < 1:
+            raise ValueError(f"piece_chars must be >= 1, got {self.piece_chars}")
         if self.split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
+        if (self.split_mode == "marker") != bool(self.split_marker):
+            raise ValueError(
+                "split_mode 'marker' needs a non-empty split_marker (e.g. '\\nA: '), and split_marker "
+                f"needs split_mode 'marker'; got split_mode={self.split_mode!r}, split_marker={self.split_marker!r}"
+            )
         self.splits = _check_splits(DEFAULT_SPLITS if self.splits is None else self.splits)
         _check_meta_filter(self.meta_filter)
         if self.data_files is not None and self.hf_name is None:

@@ -140,7 +140,8 @@ class PrefixSuffixDataModule(LightningDataModule):
         context_length: Prefix + suffix tokens at most.
         min_prefix_tokens: Tokens before the first suffix.
         min_suffix_tokens: Shortest tail chunk kept (default ``suffix_tokens``).
-        split_mode: ``"fixed"`` or ``"random"`` chunk boundaries.
+        split_mode: ``"fixed"`` or ``"random"`` chunk boundaries, or ``"marker"``: a suffix after each
+            ``split_marker``.
         max_chunks_per_doc: At most this many training chunks per document.
         splits: Split name -> fraction of documents (each > 0, sum <= 1).
         split_salt: Salt of the split hash (change only to draw a different partition).
@@ -155,6 +156,10 @@ class PrefixSuffixDataModule(LightningDataModule):
         seed: Seed of the shuffle and of the random split points.
         num_workers: Training dataloader workers (each one a slot; 0 is exact and the default).
         skip_malformed: Skip and count malformed records instead of raising.
+        piece_chars: Longest piece of a document tokenized in one call (a memory bound, see
+            :class:`CorpusConfig`).
+        split_marker: The text after which a suffix starts in split mode ``"marker"`` (e.g. ``"\nA: "``:
+            the question is the prefix, the answer the suffix; see :class:`CorpusConfig`).
         rank: Data-parallel rank override (default: the Trainer's, else torch.distributed / environment).
         world_size: Data-parallel world size override.
     """
@@ -189,6 +194,8 @@ class PrefixSuffixDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         skip_malformed: bool = False,
+        piece_chars: int = 100_000,
+        split_marker: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -230,7 +237,13 @@ class PrefixSuffixDataModule(LightningDataModule):
     def _stream_fingerprint(self, tokenizer: str) -> str:
         """A hash of what determines the training stream (a checkpoint's position fits only the same)."""
         src = {
-            **{k: v for k, v in self.config.kwargs().items() if k != "skip_malformed"},
+            **{
+                k: v
+                for k, v in self.config.kwargs().items()
+                if k not in ("skip_malformed", "piece_chars")
+                # without a marker, the fingerprint of the streams checkpointed before the field existed
+                and not (k == "split_marker" and v is None)
+            },
             "tokenizer": tokenizer,
             "train_split": self.train_split,
             "shuffle_buffer_size": self.shuffle_buffer_size,

@@ -61,7 +61,8 @@ class PrefixSuffixDataset(IterableDataset):
             ``context_length - suffix_tokens`` tokens.
         min_prefix_tokens: Tokens before the first suffix (every suffix has at least this much prefix).
         min_suffix_tokens: Shortest tail chunk kept (default ``suffix_tokens``: full chunks only).
-        split_mode: ``"fixed"`` or ``"random"`` chunk boundaries.
+        split_mode: ``"fixed"`` or ``"random"`` chunk boundaries, or ``"marker"``: a suffix after each
+            ``split_marker``.
         max_chunks_per_doc: Keep at most this many chunks per document.
         splits: Split name -> fraction of documents (each > 0, sum <= 1).
         split_salt: Salt of the split hash; change it only to draw a different partition.
@@ -69,6 +70,10 @@ class PrefixSuffixDataset(IterableDataset):
         shuffle_buffer_size: Chunks held for shuffling (0: stream order).
         repeat: Start over (next epoch) after a full pass; otherwise stop.
         skip_malformed: Skip and count malformed records instead of raising.
+        piece_chars: Longest piece of a document tokenized in one call (a memory bound, see
+            :class:`CorpusConfig`).
+        split_marker: The text after which a suffix starts in split mode ``"marker"`` (e.g. ``"\nA: "``:
+            the question is the prefix, the answer the suffix; see :class:`CorpusConfig`).
         rank: Data-parallel rank override.
         world_size: Data-parallel world size override.
     """
@@ -97,6 +102,8 @@ class PrefixSuffixDataset(IterableDataset):
         shuffle_buffer_size: int = 0,
         repeat: bool = False,
         skip_malformed: bool = False,
+        piece_chars: int = 100_000,
+        split_marker: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lit_selfimprove.datamodules.readers import Malformed, decode_utf8, iter_lines, parse_json
+from lit_selfimprove.datamodules.soar_corpus import SOAR_PREFIX, materialize
 
 if TYPE_CHECKING:
     from lit_selfimprove.datamodules.prefix_suffix.config import CorpusConfig
@@ -77,6 +78,8 @@ def resolve_source_files(sources: str | Sequence[str]) -> list[Path]:
 
     for source in sources:
         source = resolve(str(source))  # builtin:tiny-facts -> the bundled corpus
+        if source.startswith(SOAR_PREFIX):  # soar:RUN_DIR -> its documents, rendered once into a cached file
+            source = materialize(source)
         if _GLOB_CHARS.search(source):
             found: list[Path] = []
             for match in sorted(glob.glob(source, recursive=True)):
