@@ -4,8 +4,9 @@ fine-tuning vs LoRA (``lora`` for the teacher, ``student_lora`` for the students
     python benchmarks/bench_soar_memory.py               # full, full-disk and lora, one outer step each
     python benchmarks/bench_soar_memory.py --modes full --src /path/to/older/checkout --label before
 
-Modes: ``full`` (full fine-tuning, the config as it is), ``full-disk`` (``keep_median_students:
-disk``: the kept median students are files) and ``lora`` (``lora`` and ``student_lora``
+Modes: ``full`` (full fine-tuning, the config as it is), ``full-disk`` (``promotion:
+keep_median_students: disk``: the kept median students are files) and ``lora`` (``memory:`` ``lora`` and
+``student_lora``
 ``{r: 8, lora_alpha: 16, target_modules: all-linear}``). Results are merged into the JSON by label
 (default: the mode's name).
 
@@ -59,9 +60,9 @@ def derived_config(mode: str, workdir: str, steps: int) -> str:
     trainer["logger"]["init_args"]["save_dir"] = workdir
     trainer["callbacks"] = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("Promotion")]
     if mode == "lora":
-        cfg["model"]["init_args"].update(lora=dict(LORA), student_lora=dict(LORA))
+        cfg["model"]["init_args"].setdefault("memory", {}).update(lora=dict(LORA), student_lora=dict(LORA))
     if mode == "full-disk":
-        cfg["model"]["init_args"]["keep_median_students"] = "disk"
+        cfg["model"]["init_args"].setdefault("promotion", {})["keep_median_students"] = "disk"
     path = Path(workdir) / f"soar_{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -111,10 +112,10 @@ def worker(mode: str, src: str, steps: int, threads: int) -> dict:
 
     grounded = soar_loops.grounded_rewards
 
-    def probed_grounded(student, snapshot, *args, **kwargs):
-        state["snapshot"] = snapshot
+    def probed_grounded(*args, **kwargs):
+        state["snapshot"] = kwargs["snapshot"]  # the module passes it by name
         try:
-            return grounded(student, snapshot, *args, **kwargs)
+            return grounded(*args, **kwargs)
         finally:
             sample()
             state["snapshot"] = None

@@ -100,10 +100,10 @@ def dpo_command(args, root: Path, start: str, k: int, seed: int) -> list[str]:
     cmd += common(args, root, f"dpo_k{k}_s{seed}", seed, args.steps)
     return cmd + [
         f"--data.init_args.seed={seed}", f"--model.init_args.seed={seed}",
-        f"--model.init_args.model={start}", f"--model.init_args.num_rollouts={k}",
-        "--model.init_args.include_rewrite=true",
+        f"--model.init_args.model={start}", f"--model.init_args.candidates.num_rollouts={k}",
+        "--model.init_args.candidates.include_rewrite=true",
         "--model.init_args.rewriter=lit_selfimprove.judges.KBRewriter",
-        f"--model.init_args.lr={args.lr}", f"--model.init_args.beta={args.beta}",
+        f"--model.init_args.optim.lr={args.lr}", f"--model.init_args.objective.beta={args.beta}",
         f"--model.init_args.log_samples_every={args.steps}",
         f"--trainer.callbacks.init_args.every_n_steps={args.steps}",
     ]  # fmt: skip

@@ -80,7 +80,7 @@ def arm_command(arm: str, seed: int, args, root: Path) -> list[str]:
         "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
     if kind != "next_token":
-        cmd += [f"--model.init_args.seed={seed}", f"--model.init_args.num_rollouts={k}"]
+        cmd += [f"--model.init_args.seed={seed}", f"--model.init_args.candidates.num_rollouts={k}"]
     return cmd
 
 

@@ -252,8 +252,10 @@ def sip_args(
         return ["--config", "configs/tiny/sip_next_token.yaml", *common]
     cmd = [
         "--config", "configs/tiny/sip_dpo.yaml", *common, f"--model.init_args.seed={args.seed}",
-        f"--model.init_args.num_rollouts={args.k}", "--model.init_args.include_rewrite=true",
-        "--model.init_args.fail_after_steps=null", "--trainer.callbacks=[]",
+        f"--model.init_args.candidates.num_rollouts={args.k}",
+        "--model.init_args.candidates.include_rewrite=true",
+        '--model.init_args.judge_health={"fail_after_steps": null}',  # (a dotted null fails in jsonargparse)
+        "--trainer.callbacks=[]",
     ]  # fmt: skip
     if kind == "oracle":
         judge = {

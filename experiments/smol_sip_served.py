@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-log", default=None)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--ready-timeout", type=float, default=900.0)
-    # any other --key=value is a LightningCLI override, e.g. --model.init_args.num_rollouts=4
+    # any other --key=value is a LightningCLI override, e.g. --model.init_args.candidates.num_rollouts=4
     args, args.override = p.parse_known_args(argv)
     bad = [a for a in args.override if not a.startswith("--")]
     if bad:

@@ -197,11 +197,11 @@ def _plan(config: dict, prompt_tokens: int | None) -> tuple[list[tuple[str, str,
                   ("student snapshot", a["student"], "snapshot")]  # fmt: skip
         if inner.get("kl_coef", 0.0) > 0:
             models.append(("student KL reference", a["student"], "frozen-whole"))
-        if a.get("kl_coef", 0.0) > 0:
+        if (a.get("teacher_update") or {}).get("kl_coef", 0.0) > 0:
             models.append(("teacher KL reference", a["teacher"], "frozen"))
         calls = [
             Generation("teacher questions", "teacher", a.get("num_datasets", 4) * a.get("dataset_size", 64), p,
-                       a.get("teacher_max_new_tokens", 512)),
+                       (a.get("teacher_sampling") or {}).get("max_new_tokens", 512)),
             Generation("inner RLVR rollouts", "student", inner.get("batch", 8) * inner.get("group_size", 32), p,
                        inner.get("max_new_tokens", 1024)),
             Generation("Q_R greedy evaluation", "student", a.get("eval_batch_size") or data.get("batch_size", 64), p,
@@ -223,11 +223,11 @@ def _plan(config: dict, prompt_tokens: int | None) -> tuple[list[tuple[str, str,
         return models, calls
     if cls == "SuffixPolicyDPO":
         models = [("policy", a["model"], "trained")]
-        if a.get("loss", "dpo") == "dpo":
+        if (a.get("objective") or {}).get("loss", "dpo") == "dpo":
             models.append(("DPO reference", a["model"], "frozen"))
         suffix = data.get("suffix_tokens", 128)
         prefix = prompt_tokens or data.get("context_length", 2048) - suffix
-        rows = data.get("batch_size", 1) * a.get("num_rollouts", 1)
+        rows = data.get("batch_size", 1) * (a.get("candidates") or {}).get("num_rollouts", 1)
         return models, [Generation("suffix rollouts", "policy", rows, prefix, suffix)]
     if "model" in a:  # NextTokenLM and the like: one trained model, no sampling
         return [("model", a["model"], "trained")], []
@@ -244,7 +244,8 @@ def estimate(config: dict, overrides: dict | None = None, prompt_tokens: int | N
     ranks, sharded = _world(trainer)
     mixed = "mixed" in str(trainer.get("precision", "32"))
     compute = 2 if mixed or str(trainer.get("precision", "")).startswith(("bf16", "16")) else 4
-    frozen_bytes = DTYPE_BYTES.get(init.get("dtype"), 2) if mixed else compute
+    dtype = init.get("dtype") or (init.get("memory") or {}).get("dtype")  # TeacherMetaRL: memory.dtype
+    frozen_bytes = DTYPE_BYTES.get(dtype, 2) if mixed else compute
     generation = init.get("generation") or {}
     max_rows = max_batch_rows if max_batch_rows is not None else generation.get("max_batch_rows")
     budget = max_batch_kv_gb or generation.get("max_batch_kv_gb") or DEFAULT_MAX_BATCH_KV_GB

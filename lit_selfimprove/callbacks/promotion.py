@@ -41,15 +41,10 @@ class Promotion(Callback):
 
     The promotion itself (Algorithm 1, step 5: the rule, installing the median student as the
     baseline, the rule's checkpointed state) belongs to :class:`~lit_selfimprove.modules.TeacherMetaRL`
-    and happens with or without this callback. ``tau``, ``window``, ``reset_after_promotion`` and
-    ``require_improvement`` are kept for existing configs: when given, they configure the module's
-    rule at setup (overriding its ``promotion_*`` arguments; leave them out and set those instead).
+    and happens with or without this callback; its settings (``tau``, ``window``, ...) are the module's
+    ``promotion:`` group, their one owner. The properties below read the module's rule and promotions.
 
     Args:
-        tau: if given, the module's ``promotion_tau``.
-        window: if given, the module's ``promotion_window``.
-        reset_after_promotion: if given, the module's ``reset_after_promotion``.
-        require_improvement: if given, the module's ``require_improvement``.
         pq_filename: name of the promotion-questions JSONL file in the log dir.
         save_students: save each promoted student as a Hugging Face folder in the log dir.
         dirpath: where files go (default: ``trainer.log_dir``, else ``trainer.default_root_dir``).
@@ -57,27 +52,15 @@ class Promotion(Callback):
 
     def __init__(
         self,
-        tau: float | None = None,
-        window: int | None = None,
-        reset_after_promotion: bool | None = None,
-        require_improvement: bool | None = None,
         pq_filename: str = "promotion_questions.jsonl",
         save_students: bool = True,
         dirpath: str | None = None,
     ):
         super().__init__()
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.rule_settings = {
-            "tau": tau,
-            "window": window,
-            "reset_after_promotion": reset_after_promotion,
-            "require_improvement": require_improvement,
-        }
         self.pq_filename = pq_filename
         self.save_students = save_students
         self.dirpath = dirpath
-        self.module: Any = None
+        self.module: Any = None  # the TeacherMetaRL whose promotions are written (set at setup)
         self.pq_lines = 0
         self.last_step: int | None = None
         self._resumed = False
@@ -106,16 +89,7 @@ class Promotion(Callback):
         return self.rule.moving_average()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.bind(pl_module)
-
-    def bind(self, pl_module: LightningModule) -> None:
-        """Read promotions from ``pl_module``; the callback's rule arguments, if given, configure its rule."""
         self.module = pl_module
-        rule = getattr(pl_module, "promotion_rule", None)
-        for name, value in self.rule_settings.items():
-            if value is not None and rule is not None and getattr(rule, name) != value:
-                rank_zero_info(f"Promotion: {name}={value} from the callback overrides the module's rule")
-                setattr(rule, name, value)
 
     # ------------------------------------------------------------------------ the files
     def output_dir(self, trainer: Trainer) -> Path:
@@ -136,8 +110,7 @@ class Promotion(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.module is not pl_module:
-            self.bind(pl_module)
+        self.module = pl_module
         last = getattr(pl_module, "last_outer", None)
         if last is None or last.step == self.last_step:
             return  # no outer step happened (or this one was seen already)
@@ -187,13 +160,13 @@ class Promotion(Callback):
             )
         elif not getattr(pl_module, "promotes", True):  # no rule ran: tau played no part
             rank_zero_info(
-                "SOAR: no promotion: promotions are off (promote=false, or teacher_reward='intrinsic', "
-                "which trains no students)"
+                "SOAR: no promotion: promotions are off (promotion.promote=false, or "
+                "teacher_reward='intrinsic', which trains no students)"
             )
         else:
             rank_zero_info(
                 f"SOAR: no promotion (the moving average of the teacher reward was never above "
-                f"tau={self.rule.tau} with a dataset that beat the baseline)"
+                f"promotion.tau={self.rule.tau} with a dataset that beat the baseline)"
             )
 
     def _drop_unrecorded(self, out: Path) -> None:

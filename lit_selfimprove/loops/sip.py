@@ -1,7 +1,7 @@
 """SIP's candidate pieces (no Lightning), used by
 :class:`~lit_selfimprove.modules.suffix_policy_dpo.SuffixPolicyDPO`: the candidates of a batch,
 tokenizing a text in the context of its prefix, who holds the best score (Figure 8 without the
-tie-break) and the judge-health check."""
+tie-break), the judge-health check, and what a training step logs (its metrics and sample rows)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ __all__ = [
     "BEST_CLASSES",
     "Candidates",
     "best_classes",
+    "continuation_tokens",
     "judge_about",
     "judge_problems",
     "loss_stats",
+    "nanmean",
+    "pad_to",
+    "sample_rows",
+    "step_metrics",
     "tokenize_after",
 ]
 
@@ -56,11 +61,40 @@ def tokenize_after(
     return [(h, j[len(h) :] if j[: len(h)] == h else None) for h, j in zip(heads, joints)]
 
 
-def _pad_to(t: Tensor, length: int, value: int) -> Tensor:
+def continuation_tokens(
+    tokenizer, prefixes: list[str], texts: list[str], max_tokens: int
+) -> tuple[Tensor, Tensor, list[str], int]:
+    """``texts`` as tokens after their prefix's (:func:`tokenize_after`), cut to ``max_tokens``:
+    ``(ids, mask)`` ``[B, max_tokens]`` right-padded, the texts the judge reads (a cut text ends where
+    its kept tokens do), and the number left out (no tokens, so no score) because their text changes
+    the prefix's last tokens."""
+    tok = tokenizer
+    ids = torch.full((len(texts), max_tokens), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    read, unaligned = list(texts), 0
+    for b, (head, toks) in enumerate(tokenize_after(tok, prefixes, texts)):
+        if toks is None:
+            unaligned += 1
+            continue
+        kept = toks[:max_tokens]
+        ids[b, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+        mask[b, : len(kept)] = 1
+        if len(kept) < len(toks):  # cut: the text of the kept tokens, read after the prefix
+            kw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+            full, base = tok.decode(head + kept, **kw), tok.decode(head, **kw)
+            read[b] = full[len(base) :] if full.startswith(base) else tok.decode(kept, **kw)
+    return ids, mask, read, unaligned
+
+
+def pad_to(t: Tensor, length: int, value: int) -> Tensor:
+    """``t`` right-padded with ``value`` along its last dimension to ``length`` (candidates of different
+    lengths side by side in one ``[B, C, T]`` tensor)."""
     return torch.nn.functional.pad(t, (0, length - t.shape[-1]), value=value)
 
 
-def _nanmean(x: Tensor) -> float:
+def nanmean(x: Tensor) -> float:
+    """The mean of the values of ``x`` that are not ``nan`` (unscored candidates), ``nan`` when none is:
+    a logged mean over what the judge scored."""
     x = x[~torch.isnan(x)]
     return float(x.mean()) if x.numel() else math.nan
 
@@ -161,3 +195,72 @@ def loss_stats(v: dict[str, Tensor], loss: str, beta: float) -> dict[str, float]
         reward_rejected=float(stats["reward_rejected"]),
     )
     return out
+
+
+def step_metrics(
+    scores, total: Tensor, cands: Candidates, sel, counts: dict, loss_stats: dict, rollouts
+) -> dict:
+    """What one training step logs: the judge's mean scores per candidate source (and of the chosen
+    and rejected ones), its call counts and per-component parse rates, the selection's shares and
+    counts (``counts`` summed over ranks), rollout lengths and the loss values; ``nan`` left out."""
+    metrics: dict[str, float] = {}
+    sources = cands.sources
+    tables = {"score": total, **{k: v.detach().float().cpu() for k, v in scores.components.items()}}
+    for name, table in tables.items():
+        for s in dict.fromkeys(sources):
+            cols = [i for i, x in enumerate(sources) if x == s]
+            metrics[f"judge/{name}_{s}"] = nanmean(table[:, cols])
+    for name, picked in (("chosen", sel.chosen), ("rejected", sel.rejected)):
+        r = (picked >= 0).nonzero().flatten()
+        metrics[f"judge/score_{name}"] = nanmean(total[r, picked[r]])
+    for k, v in scores.stats.items():
+        metrics[f"judge/{k}"] = float(v)
+        name = k.removesuffix("_calls")
+        bad = scores.stats.get(f"{name}_unparseable")
+        if name != k and v > 0 and bad is not None:  # per component: parseable share
+            metrics[f"judge/{name}_parse_rate"] = 1.0 - float(bad) / float(v)
+    pairs = counts["pairs"]
+    for s in dict.fromkeys(sources):
+        if pairs > 0:
+            metrics[f"select/chosen_{s}"] = counts[f"chosen_{s}"] / pairs
+            metrics[f"select/rejected_{s}"] = counts[f"rejected_{s}"] / pairs
+    for k in ("pairs", "skipped", "ties_best", "ties_worst"):
+        metrics[f"select/{k}"] = counts[k]
+    for k in BEST_CLASSES:
+        if k in counts and pairs > 0:
+            metrics[f"select/{k}"] = counts[k] / pairs
+    if "rewrite" in sources:
+        metrics["train/rewrite_unaligned"] = float(cands.unaligned_rewrites)
+    if rollouts is not None:
+        metrics["train/rollout_len"] = float(rollouts.lengths.float().mean())
+        metrics["train/rollout_finished"] = float(rollouts.finished.float().mean())
+    metrics.update({f"train/{k}": v for k, v in loss_stats.items()})
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def sample_rows(batch: dict, cands: Candidates, total: Tensor, scores, sel, step: int, n: int) -> list[dict]:
+    """The first ``n`` prefixes of a step for ``samples.jsonl``: candidates with sources and scores
+    (total and per component), and the pair."""
+    components = {k: v.detach().float().cpu() for k, v in scores.components.items()}
+    rows = []
+    for b in range(min(len(cands.texts), n)):
+        candidates = []
+        for c, text in enumerate(cands.texts[b]):
+            entry = {"source": cands.sources[c], "text": text, "score": float(total[b, c])}
+            entry.update({k: float(v[b, c]) for k, v in components.items()})
+            candidates.append(entry)
+        ok, has_rejected = bool(sel.valid[b]), int(sel.rejected[b]) >= 0
+        rows.append(
+            {
+                "step": step,
+                "doc_id": str(batch["doc_id"][b]) if "doc_id" in batch else None,
+                "prefix": batch["prefix_text"][b],
+                "suffix": batch["suffix_text"][b],
+                "candidates": candidates,
+                "chosen": int(sel.chosen[b]) if ok else None,
+                "rejected": int(sel.rejected[b]) if has_rejected else None,
+                "tie_best": bool(sel.tie_best[b]),
+                "tie_worst": bool(sel.tie_worst[b]),
+            }
+        )
+    return rows

@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from lightning import LightningModule
@@ -355,3 +357,23 @@ def write_samples(module: LightningModule, every: int, step: int, file: str, row
             f.write(json.dumps(row) + "\n")
     log_table(getattr(trainer, "loggers", ()), Path(file).stem, written, step)
     return written
+
+
+G = TypeVar("G")
+
+
+def as_group(cls: type[G], value: G | Mapping[str, Any] | None, name: str) -> G:
+    """The settings group ``name`` from what the constructor got: the dataclass, a mapping of its fields
+    (YAML, ``hparams.yaml``) or ``None`` (the defaults). An unknown key is a ``ValueError`` naming the
+    group's fields (a flat argument that moved into a group reaches here only from Python)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"{name}: unknown setting(s) {unknown}; {name} has {known}")
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__}, a mapping or None, got {type(value).__name__}")

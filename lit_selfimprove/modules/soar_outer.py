@@ -1,5 +1,5 @@
-"""SOAR's typed pieces: the inner-training settings group, one outer step's result, the bounded
-keeper of each dataset's median-reward trained student, and the check of TeacherMetaRL's arguments."""
+"""SOAR's typed pieces: one outer step's result and the bounded keeper of each dataset's median-reward
+trained student (the settings groups are in :mod:`lit_selfimprove.modules.soar_settings`)."""
 
 from __future__ import annotations
 
@@ -8,43 +8,8 @@ from typing import Any
 
 import torch
 
-from lit_selfimprove.modules._shared import check_at_least_one, check_optimizer
 from lit_selfimprove.modules.median_students import save_student
-from lit_selfimprove.prompts import check_student_prompt
-from lit_selfimprove.rl.losses import kl_penalty
 from lit_selfimprove.rl.promotion import PromotionDecision
-from lit_selfimprove.rl.rlvr_config import RLVRConfig
-
-TEACHER_REWARDS = ("grounded", "intrinsic")
-ANSWER_CHECKS = ("auto", "math_verify", "light")
-
-
-@dataclass
-class InnerConfig(RLVRConfig):
-    """The inner trainings' settings (``inner:`` in YAML): the RL fields of
-    :class:`~lit_selfimprove.rl.rlvr_config.RLVRConfig` plus ``steps`` (RLVR steps per inner training),
-    ``batch`` (questions of X_k per step), ``lr`` and ``weight_decay`` (a fresh AdamW each time) and
-    ``optimizer`` (``adamw``, ``adamw8bit`` or ``paged_adamw8bit`` (CUDA only), see
-    :func:`~lit_selfimprove.modules._shared.adamw`: the fresh optimizer of each inner training).
-
-    Defaults are SOAR's; ``kl_coef`` defaults to 0 here: the paper mentions a small KL for its student
-    RLOO, but inner trainings are 10 steps from the baseline and thrown away, so a reference copy buys
-    nothing. ``sync_ranks`` is off: the students are unsharded and each rank trains different ones."""
-
-    kl_coef: float = 0.0
-    sync_ranks: bool | None = False
-    steps: int = 10
-    batch: int = 8
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_optimizer(self.optimizer)
-        for name in ("steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"inner.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -57,7 +22,7 @@ class OuterStep:
     ``None`` elsewhere, for intrinsic rewards or without ``keep_median_students``), ``promotion`` the
     promotion rule's decision (``None`` when the module does not promote) and ``promoted`` whether the
     median student of ``promotion.dataset`` is now the baseline (then ``promotion_index`` is its
-    0-based index). Item access (``outer["rewards"]``) is kept for code written against the old dict.
+    0-based index).
     """
 
     step: int
@@ -73,9 +38,6 @@ class OuterStep:
     promoted: bool = False
     promotion_index: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
     @classmethod
     def from_rewards(
@@ -200,42 +162,3 @@ class MedianStudents:
             else:
                 self.drop(median)
         return median
-
-
-def check_soar_hparams(hp, inner: InnerConfig) -> None:
-    """``ValueError`` for TeacherMetaRL's invalid arguments (``hp``: its hyper-parameters)."""
-    check_student_prompt(hp.prompt_template)  # '{question}' and no single braces (\\boxed{})
-    if hp.teacher_reward not in TEACHER_REWARDS:
-        raise ValueError(f"teacher_reward must be one of {TEACHER_REWARDS}, got {hp.teacher_reward!r}")
-    if hp.answer_check not in ANSWER_CHECKS:
-        raise ValueError(f"answer_check must be one of {ANSWER_CHECKS}, got {hp.answer_check!r}")
-    if hp.num_datasets < 2:
-        raise ValueError(f"num_datasets must be >= 2 for RLOO over datasets, got {hp.num_datasets}")
-    check_at_least_one(
-        dataset_size=hp.dataset_size,
-        num_repeats=hp.num_repeats,
-        max_sampling_rounds=hp.max_sampling_rounds,
-        intrinsic_samples=hp.intrinsic_samples,
-        teacher_max_new_tokens=hp.teacher_max_new_tokens,
-        eval_max_new_tokens=hp.eval_max_new_tokens,
-        eval_batch_size=hp.eval_batch_size,
-        inner_micro_batch_size=inner.micro_batch_size,
-        teacher_micro_batch_size=hp.teacher_micro_batch_size,
-    )
-    if hp.teacher_batch is not None and hp.teacher_batch < 1:
-        raise ValueError(f"teacher_batch must be >= 1 or None, got {hp.teacher_batch}")
-    if hp.keep_median_students not in (True, False, "all", "disk"):
-        raise ValueError(
-            f"keep_median_students must be true, false, 'all' or 'disk', got {hp.keep_median_students!r}"
-        )
-    if hp.promote and hp.teacher_reward == "grounded" and hp.keep_median_students is False:
-        raise ValueError(
-            "promote=True installs a kept trained student as the new baseline, but "
-            "keep_median_students=False keeps none: the first promotion would fail. Set "
-            "keep_median_students to true, 'all' or 'disk', or promote=False"
-        )
-    if hp.median not in ("lower", "upper"):
-        raise ValueError(f"median must be 'lower' or 'upper', got {hp.median!r}")
-    if hp.kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {hp.kl_coef}")
-    kl_penalty(torch.zeros(1), torch.zeros(1), hp.kl_estimator)  # validates the name

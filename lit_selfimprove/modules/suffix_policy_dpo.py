@@ -23,7 +23,7 @@ prefix and judges it against the original suffix (``val/quality_win_vs_suffix``,
 
 Candidate tokens always continue the prefix's tokens: rollouts are sampled after them, the
 suffix is the document's next tokens, and a rewrite is tokenized in the context of its prefix
-(see :func:`tokenize_after`).
+(see :func:`~lit_selfimprove.loops.sip.tokenize_after`).
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from lit_selfimprove.judges.base import CandidateJudge, CandidateScores, Rewrite
 from lit_selfimprove.loops.sip import (
     BEST_CLASSES,
     Candidates,
-    _nanmean,
-    _pad_to,
     best_classes,
+    continuation_tokens,
     judge_about,
     judge_problems,
     loss_stats,
-    tokenize_after,
+    pad_to,
+    sample_rows,
+    step_metrics,
 )
 from lit_selfimprove.modeling import (
     check_attn_implementation,
@@ -61,9 +62,8 @@ from lit_selfimprove.modeling import (
 )
 from lit_selfimprove.modules._shared import (
     adamw_with_warmup,
-    check_at_least_one,
+    as_group,
     check_from_scratch,
-    check_optimizer,
     cosine_schedule,
     data_parallel_rank,
     estimated_total_steps,
@@ -74,13 +74,19 @@ from lit_selfimprove.modules._shared import (
     scratch_seed,
     write_samples,
 )
+from lit_selfimprove.modules.sip_settings import (
+    GROUPS,
+    CandidateConfig,
+    JudgeHealthConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ValidationConfig,
+)
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.losses import dpo_loss, nll_loss
 from lit_selfimprove.rl.selection import Selection, select_pairs
 
 SOURCES = ("rollout", "suffix", "rewrite")
-LOSSES = ("dpo", "rf_nll")
-__all__ = ["Candidates", "Selection", "SuffixPolicyDPO", "select_pairs", "tokenize_after"]
 
 BATCH_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_text", "suffix_text")
 
@@ -88,34 +94,21 @@ BATCH_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_
 class SuffixPolicyDPO(LightningModule):
     """Online DPO / RF-NLL of a causal LM on prefix -> suffix, supervised by a judge.
 
+    The method's settings are five groups, one argument each (``candidates`` ... ``judge_health``;
+    every field documented in :mod:`~lit_selfimprove.modules.sip_settings`): a mapping in YAML, e.g.
+    ``candidates: {num_rollouts: 8}``, the defaults when left out, ``module.candidates`` etc. in code.
+
     Args:
         model: hub id, local folder or ``builtin:tiny-student``.
         judge: a :class:`~lit_selfimprove.judges.CandidateJudge` scoring candidate
             continuations (``class_path:`` in YAML); kept out of the checkpoint.
         tokenizer: defaults to ``model``.
-        rewriter: a :class:`~lit_selfimprove.judges.Rewriter`; needed by ``include_rewrite``.
-        num_rollouts: K policy rollouts per prefix (paper: 16; 0 = suffix vs rewrite only).
-        include_suffix: the original suffix is a candidate.
-        include_rewrite: the rewritten suffix (tokenized after its prefix, cut to the batch's
-            suffix length) is a candidate.
-        loss: ``dpo`` (chosen vs rejected, against a frozen reference) or ``rf_nll``
-            (reward-filtered NLL on the chosen candidate, also where all candidates tie; no
-            reference model is kept).
-        beta: DPO temperature (not stated in the paper).
-        max_new_tokens: rollout length (default: the batch's suffix length N).
-        temperature: sampling temperature of the rollouts (paper: 1.0).
-        top_p: nucleus threshold of the rollouts (paper: 1.0).
-        lr: AdamW peak learning rate (paper, continual pretraining: 5e-6).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warmup, then cosine decay over ``trainer.max_steps``.
-        min_lr_ratio: cosine floor as a fraction of ``lr`` (paper: 0.1).
-        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: optimizer states in
-            8 bits; CPU or GPU) or ``paged_adamw8bit`` (CUDA only); see
-            :func:`~lit_selfimprove.modules._shared.adamw`.
-        grad_clip: gradient-norm clipping (``None`` disables).
-        micro_batch_size: prefixes (pairs) per forward/backward; ``None``: the whole batch.
-        val_temperature: sampling temperature of the validation continuation.
-        val_max_new_tokens: validation continuation length (default: as in training).
+        rewriter: a :class:`~lit_selfimprove.judges.Rewriter`; needed by ``candidates.include_rewrite``.
+        candidates: K rollouts, suffix and rewrite per prefix, rollout sampling (:class:`CandidateConfig`).
+        objective: ``dpo`` or ``rf_nll``, and DPO's beta (:class:`ObjectiveConfig`).
+        optim: AdamW, its schedule, gradient clipping, micro-batches (:class:`OptimConfig`).
+        validation: the judged validation continuation (:class:`ValidationConfig`).
+        judge_health: when unusable verdicts warn and stop the run (:class:`JudgeHealthConfig`).
         generation: the sampling backend (``GenerationConfig``; YAML ``generation: {backend: vllm}``):
             the built-in sampler (default) or a colocated vLLM engine refreshed from the trained
             weights before each generation that follows a change.
@@ -129,6 +122,11 @@ class SuffixPolicyDPO(LightningModule):
             (``None``: an unquantized copy in ``dtype``); bitsandbytes, CPU or GPU.
         lora: ``peft.LoraConfig`` kwargs: only the adapters train, and the DPO reference is the policy
             with its adapters disabled (no second copy; not with ``ref_quantization``).
+        from_scratch: the paper's from-scratch setting: the policy gets random weights in the
+            architecture of ``model`` (only its config is read; drawn from rank 0's global seed at the
+            first setup, a seed the checkpoints keep) and the DPO reference is that random initial
+            policy (rebuilt from the kept seed on resume). Not with ``quantization``, ``lora``
+            or ``ref_quantization``.
         seed: seed of sampling and tie-breaking (default: the global seed, ``seed_everything``).
             Generators are re-seeded from (seed, data-parallel rank, step) every step, so a
             resumed run draws what an uninterrupted one would, and ranks draw differently.
@@ -136,20 +134,6 @@ class SuffixPolicyDPO(LightningModule):
             ``samples.jsonl`` in the log dir at the first step and every N-th after (0: never; see
             :func:`~lit_selfimprove.modules._shared.write_samples`).
         num_log_samples: prefixes written each time.
-        max_unparseable_frac: a step in which more than this share of the judge's verdicts
-            (``stats["unparseable"] / stats["calls"]``, summed over ranks) cannot be parsed is a
-            bad step.
-        max_skipped_frac: a step in which more than this share of the prefixes is skipped (no
-            pair / no scored candidate: nothing learned from them) is a bad step.
-        fail_after_steps: the first bad step after good ones warns on the console (the judge's
-            class, the shares, its last unparseable reply and the expected format when it exposes
-            them); this many bad steps in a row stop the run with a ``RuntimeError`` saying the
-            same (``None``: only warn). A healthy run never comes near the defaults.
-        from_scratch: the paper's from-scratch setting: the policy gets random weights in the
-            architecture of ``model`` (only its config is read; drawn from rank 0's global seed at the
-            first setup, a seed the checkpoints keep) and the DPO reference is that random initial
-            policy (rebuilt from the kept seed on resume). Not with ``quantization``, ``lora``
-            or ``ref_quantization``.
     """
 
     def __init__(
@@ -158,63 +142,39 @@ class SuffixPolicyDPO(LightningModule):
         judge: CandidateJudge,
         tokenizer: str | None = None,
         rewriter: Rewriter | None = None,
-        num_rollouts: int = 16,
-        include_suffix: bool = True,
-        include_rewrite: bool = False,
-        loss: str = "dpo",
-        beta: float = 0.1,
-        max_new_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        lr: float = 5e-6,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        optimizer: str = "adamw",
-        grad_clip: float | None = 1.0,
-        micro_batch_size: int | None = None,
-        val_temperature: float = 1.0,
-        val_max_new_tokens: int | None = None,
+        candidates: CandidateConfig | None = None,
+        objective: ObjectiveConfig | None = None,
+        optim: OptimConfig | None = None,
+        validation: ValidationConfig | None = None,
+        judge_health: JudgeHealthConfig | None = None,
         generation: GenerationConfig | None = None,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         quantization: dict | None = None,
         ref_quantization: str | dict | None = None,
         lora: dict | None = None,
+        from_scratch: bool = False,
         seed: int | None = None,
         log_samples_every: int = 50,
         num_log_samples: int = 2,
-        max_unparseable_frac: float = 0.9,
-        max_skipped_frac: float = 0.9,
-        fail_after_steps: int | None = 20,
-        from_scratch: bool = False,
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)  # at start-up, not when the model loads
-        check_optimizer(optimizer)
         check_quantization(ref_quantization)
         check_from_scratch(from_scratch, quantization, lora, ref_quantization)
         check_lora(lora, ref_quantization, model=model)
-        check_at_least_one(max_new_tokens=max_new_tokens, val_max_new_tokens=val_max_new_tokens)
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if num_rollouts < 0:
-            raise ValueError(f"num_rollouts must be >= 0, got {num_rollouts}")
-        if include_rewrite and rewriter is None:
-            raise ValueError("include_rewrite=True needs a rewriter")
-        if num_rollouts + int(include_suffix) + int(include_rewrite) < 2:
-            raise ValueError("a preference needs at least two candidates per prefix")
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
-        if not (0 <= max_unparseable_frac <= 1 and 0 <= max_skipped_frac <= 1):
-            raise ValueError("max_unparseable_frac and max_skipped_frac must be in [0, 1]")
-        if fail_after_steps is not None and fail_after_steps < 1:
-            raise ValueError(f"fail_after_steps must be >= 1 or None, got {fail_after_steps}")
+        # the groups (a dict: from YAML or hparams.yaml), validated as they are built
+        self.candidates = as_group(CandidateConfig, candidates, "candidates")
+        self.objective = as_group(ObjectiveConfig, objective, "objective")
+        self.optim = as_group(OptimConfig, optim, "optim")
+        self.validation = as_group(ValidationConfig, validation, "validation")
+        self.judge_health = as_group(JudgeHealthConfig, judge_health, "judge_health")
+        if self.candidates.include_rewrite and rewriter is None:
+            raise ValueError("candidates.include_rewrite=True needs a rewriter")
         self.generation = generation_config(generation)
         self.save_hyperparameters(ignore=["judge", "rewriter"])
-        self.hparams["generation"] = dataclasses.asdict(self.generation)  # plain data in checkpoints
+        for name in (*GROUPS, "generation"):  # plain data in checkpoints (weights_only loads)
+            self.hparams[name] = dataclasses.asdict(getattr(self, name))
         self.automatic_optimization = False
         # judge / rewriter may be nn.Modules (local HF models): a plain dict keeps them out of
         # the module tree, so they are neither in the state_dict nor moved by Lightning
@@ -237,14 +197,11 @@ class SuffixPolicyDPO(LightningModule):
     @property
     def sources(self) -> list[str]:
         """The source of each candidate column: K rollouts, then suffix, then rewrite."""
-        hp = self.hparams
-        return (
-            ["rollout"] * hp.num_rollouts + ["suffix"] * hp.include_suffix + ["rewrite"] * hp.include_rewrite
-        )
+        return self.candidates.sources
 
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
-        load_policy(self, reference=self.hparams.loss == "dpo")
+        load_policy(self, reference=self.objective.loss == "dpo")
         attach_backend(self.policy, self.generation)
 
     def on_fit_start(self) -> None:
@@ -263,14 +220,10 @@ class SuffixPolicyDPO(LightningModule):
         return on_device(self._frozen.get("ref"), self.device)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        schedule = cosine_schedule(hp.warmup_steps, estimated_total_steps(self), hp.min_lr_ratio)
+        o = self.optim
+        schedule = cosine_schedule(o.warmup_steps, estimated_total_steps(self), o.min_lr_ratio)
         return adamw_with_warmup(
-            self.policy.parameters(),
-            hp.lr,
-            hp.weight_decay,
-            schedule=schedule,
-            optimizer=hp.get("optimizer", "adamw"),
+            self.policy.parameters(), o.lr, o.weight_decay, schedule=schedule, optimizer=o.optimizer
         )
 
     def _generator(self, stream: str, step: int, device: torch.device | str) -> torch.Generator:
@@ -284,27 +237,27 @@ class SuffixPolicyDPO(LightningModule):
 
     # -------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.hparams
+        c = self.candidates
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"a prefix-suffix batch needs {missing}, got {sorted(batch)}")
         step = self.global_step
         opt, sched = self.optimizers(), self.lr_schedulers()
         prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
-        budget = hp.max_new_tokens or batch["suffix_ids"].shape[1]
+        budget = c.max_new_tokens or batch["suffix_ids"].shape[1]
 
         # 1. K rollouts per prefix (all ranks run the same number of forwards: generate syncs)
         rollouts = None
-        if hp.num_rollouts > 0:
+        if c.num_rollouts > 0:
             rollouts = generate(
                 self.policy,
                 self.tokenizer,
                 prompt_ids=batch["prefix_ids"],
                 prompt_mask=batch["prefix_mask"],
-                num_samples=hp.num_rollouts,
+                num_samples=c.num_rollouts,
                 max_new_tokens=budget,
-                temperature=hp.temperature,
-                top_p=hp.top_p,
+                temperature=c.temperature,
+                top_p=c.top_p,
                 generator=self._generator("train", step, self.device),
             )
         # 2. candidates: rollouts + suffix + rewrite
@@ -318,7 +271,9 @@ class SuffixPolicyDPO(LightningModule):
             )
         total[cands.mask.sum(-1).cpu() == 0] = math.nan  # an empty continuation teaches nothing
         # 4. chosen = best, rejected = worst (RF-NLL: a best one is enough)
-        sel = select_pairs(total, self._generator("select", step, "cpu"), need_rejected=hp.loss == "dpo")
+        sel = select_pairs(
+            total, self._generator("select", step, "cpu"), need_rejected=self.objective.loss == "dpo"
+        )
         counts = self._selection_counts(sel, cands.sources, step, total)
         # 5.-6. loss, backward, clip, step (no update, but counters step, when no pair anywhere)
         lr = sched.get_last_lr()[0]  # the rate this step's update uses
@@ -326,66 +281,52 @@ class SuffixPolicyDPO(LightningModule):
 
         self._log_step(scores, total, cands, sel, counts, loss_stats, rollouts, len(prefixes))
         self.log("train/lr", lr, batch_size=len(prefixes))
-        rows = functools.partial(self._sample_rows, batch, cands, total, scores, sel, step)
+        hp = self.hparams  # the first num_log_samples prefixes: candidates, scores, the pair
+        rows = functools.partial(sample_rows, batch, cands, total, scores, sel, step, hp.num_log_samples)
         write_samples(self, hp.log_samples_every, step, "samples.jsonl", rows)
         # 7. a judge that gives nothing usable must not go unnoticed
         self._check_judge(scores, counts, step)
 
     def build_candidates(self, batch: dict, rollouts: Rollouts | None) -> Candidates:
         """Tokens and texts of every candidate; all continue the prefix, at most max(L, N) tokens."""
-        hp = self.hparams
+        c = self.candidates
         pad = self.tokenizer.pad_token_id
         rows = len(batch["prefix_text"])
         parts_ids, parts_mask = [], []
         texts: list[list[str]] = [[] for _ in range(rows)]
         if rollouts is not None:
-            k = hp.num_rollouts
+            k = c.num_rollouts
             parts_ids.append(rollouts.completion_ids.view(rows, k, -1))
             parts_mask.append(rollouts.completion_mask.view(rows, k, -1))
             for b in range(rows):
                 texts[b] += rollouts.texts[b * k : (b + 1) * k]
         suffix_ids, suffix_mask = batch["suffix_ids"], batch["suffix_mask"]
-        if hp.include_suffix:
+        if c.include_suffix:
             parts_ids.append(suffix_ids[:, None])
             parts_mask.append(suffix_mask[:, None])
             for b in range(rows):
                 texts[b].append(batch["suffix_text"][b])
         unaligned = 0
-        if hp.include_rewrite:
+        if c.include_rewrite:
             ids, mask, rewritten, unaligned = self._rewrite(batch, suffix_ids.shape[1])
             parts_ids.append(ids[:, None].to(suffix_ids.device))
             parts_mask.append(mask[:, None].to(suffix_ids.device))
             for b in range(rows):
                 texts[b].append(rewritten[b])
         length = max(p.shape[-1] for p in parts_ids)
-        ids = torch.cat([_pad_to(p, length, pad) for p in parts_ids], dim=1)
-        mask = torch.cat([_pad_to(p.long(), length, 0) for p in parts_mask], dim=1)
+        ids = torch.cat([pad_to(p, length, pad) for p in parts_ids], dim=1)
+        mask = torch.cat([pad_to(p.long(), length, 0) for p in parts_mask], dim=1)
         return Candidates(ids, mask, texts, self.sources, unaligned)
 
     def _rewrite(self, batch: dict, max_tokens: int) -> tuple[Tensor, Tensor, list[str], int]:
-        """The rewriter's suffixes as tokens after their prefix's (:func:`tokenize_after`), cut to
-        ``max_tokens`` (the judge reads the cut text), and the number left out (no tokens, so no
-        score) because their text changes the prefix's last tokens."""
-        tok = self.tokenizer
+        """The rewriter's suffixes as tokens after their prefix's, cut to ``max_tokens`` (the judge
+        reads the cut text), and the number left out because their text changes the prefix's last
+        tokens (:func:`~lit_selfimprove.loops.sip.continuation_tokens`)."""
         prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
         rewritten = [str(t) for t in self.rewriter.rewrite(prefixes, suffixes)]
         if len(rewritten) != len(prefixes):
             raise ValueError(f"rewriter returned {len(rewritten)} texts for {len(prefixes)} prefixes")
-        ids = torch.full((len(rewritten), max_tokens), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        texts, unaligned = list(rewritten), 0
-        for b, (head, toks) in enumerate(tokenize_after(tok, prefixes, rewritten)):
-            if toks is None:
-                unaligned += 1
-                continue
-            kept = toks[:max_tokens]
-            ids[b, : len(kept)] = torch.tensor(kept, dtype=torch.long)
-            mask[b, : len(kept)] = 1
-            if len(kept) < len(toks):  # cut: the text of the kept tokens, read after the prefix
-                kw = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
-                full, base = tok.decode(head + kept, **kw), tok.decode(head, **kw)
-                texts[b] = full[len(base) :] if full.startswith(base) else tok.decode(kept, **kw)
-        return ids, mask, texts, unaligned
+        return continuation_tokens(self.tokenizer, prefixes, rewritten, max_tokens)
 
     def _selection_counts(
         self, sel: Selection, sources: list[str], step: int, total: Tensor | None = None
@@ -415,7 +356,7 @@ class SuffixPolicyDPO(LightningModule):
     def _check_judge(self, scores: CandidateScores, counts: dict[str, float], step: int) -> None:
         """Warn when this step's verdicts are mostly unparseable or its prefixes mostly skipped, and
         stop after ``fail_after_steps`` such steps in a row (counts summed over ranks: all agree)."""
-        hp = self.hparams
+        health = self.judge_health
         judged = [float(scores.stats.get("unparseable", 0)), float(scores.stats.get("calls", 0))]
         bad, calls = all_reduce_sum(torch.tensor(judged, dtype=torch.float64, device=self.device)).tolist()
         if calls > 0:  # the share of parseable verdicts, every step (and on the progress bar)
@@ -423,7 +364,12 @@ class SuffixPolicyDPO(LightningModule):
             self.log("judge/parse_rate", rate, batch_size=rows)
             self.log("parse_rate", rate, prog_bar=True, logger=False, batch_size=rows)
         problems = judge_problems(
-            bad, calls, counts["skipped"], counts["prefixes"], hp.max_unparseable_frac, hp.max_skipped_frac
+            bad,
+            calls,
+            counts["skipped"],
+            counts["prefixes"],
+            health.max_unparseable_frac,
+            health.max_skipped_frac,
         )
         self._bad_judge_steps = self._bad_judge_steps + 1 if problems else 0
         if not problems:
@@ -431,10 +377,10 @@ class SuffixPolicyDPO(LightningModule):
         about = judge_about(self.judge)
         what = " and ".join(problems)
         limits = (
-            f"max_unparseable_frac={hp.max_unparseable_frac}, max_skipped_frac={hp.max_skipped_frac}, "
-            f"fail_after_steps={hp.fail_after_steps}"
+            f"judge_health: max_unparseable_frac={health.max_unparseable_frac}, "
+            f"max_skipped_frac={health.max_skipped_frac}, fail_after_steps={health.fail_after_steps}"
         )
-        n = hp.fail_after_steps
+        n = health.fail_after_steps
         if n and self._bad_judge_steps >= n:
             raise RuntimeError(
                 f"SuffixPolicyDPO: stopping at step {step}, {n} consecutive steps in which {what}. {about}. "
@@ -462,13 +408,12 @@ class SuffixPolicyDPO(LightningModule):
         """Steps 5-6. Every rank runs the same number of forward/backward passes (a rank with
         fewer pairs runs zero-weight ones: FSDP2 collectives and DDP all-reduces must match),
         and the loss is the mean over the pairs of all ranks."""
-        hp = self.hparams
         rows = sel.valid.nonzero().flatten().tolist()
         if global_pairs == 0:  # nothing to learn anywhere: grads stay None, AdamW skips them
             opt.step()
             sched.step()
             return {}
-        size = hp.micro_batch_size or max(1, len(rows))
+        size = self.optim.micro_batch_size or max(1, len(rows))
         local_chunks = torch.tensor([math.ceil(len(rows) / size)], device=self.device)
         chunks = int(all_reduce_max(local_chunks).item())
         world = world_size()
@@ -487,8 +432,8 @@ class SuffixPolicyDPO(LightningModule):
                 if weight > 0:
                     for k, v in stats.items():
                         parts.setdefault(k, []).append(v)
-        if hp.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        if self.optim.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad()
         sched.step()
@@ -498,7 +443,7 @@ class SuffixPolicyDPO(LightningModule):
         """Loss of one chunk of pairs (mean over its pairs) and detached per-pair values."""
         index = torch.tensor(rows)
         chosen = sel.chosen[index].clamp(min=0)
-        if self.hparams.loss == "rf_nll":
+        if self.objective.loss == "rf_nll":
             ids, attn, cmask = self._pair_sequences(batch, cands, rows, chosen)
             logps = sequence_logprobs(self.policy, ids, attn, cmask)
             mask = cmask[:, 1:]
@@ -512,7 +457,7 @@ class SuffixPolicyDPO(LightningModule):
         with torch.no_grad():  # the reference may be stored in another dtype: compare in float32
             ref_logps = sequence_logprobs(self.ref_model, ids, attn, cmask).float().sum(-1)
         seq = logps.sum(-1)
-        loss, _ = dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta=self.hparams.beta)
+        loss, _ = dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta=self.objective.beta)
         stats = {
             "policy_chosen": seq[:n].detach(),
             "policy_rejected": seq[n:].detach(),
@@ -525,45 +470,13 @@ class SuffixPolicyDPO(LightningModule):
 
     def _loss_stats(self, v: dict[str, Tensor]) -> dict[str, float]:
         """This rank's per-pair values -> logged numbers."""
-        return loss_stats(v, self.hparams.loss, self.hparams.beta)
+        return loss_stats(v, self.objective.loss, self.objective.beta)
 
     # ------------------------------------------------------------------------------ logs
     def _log_step(
         self, scores: CandidateScores, total, cands, sel, counts, loss_stats, rollouts, rows
     ) -> None:
-        metrics: dict[str, float] = {}
-        sources = cands.sources
-        tables = {"score": total, **{k: v.detach().float().cpu() for k, v in scores.components.items()}}
-        for name, table in tables.items():
-            for s in dict.fromkeys(sources):
-                cols = [i for i, x in enumerate(sources) if x == s]
-                metrics[f"judge/{name}_{s}"] = _nanmean(table[:, cols])
-        for name, picked in (("chosen", sel.chosen), ("rejected", sel.rejected)):
-            r = (picked >= 0).nonzero().flatten()
-            metrics[f"judge/score_{name}"] = _nanmean(total[r, picked[r]])
-        for k, v in scores.stats.items():
-            metrics[f"judge/{k}"] = float(v)
-            name = k.removesuffix("_calls")
-            bad = scores.stats.get(f"{name}_unparseable")
-            if name != k and v > 0 and bad is not None:  # per component: parseable share
-                metrics[f"judge/{name}_parse_rate"] = 1.0 - float(bad) / float(v)
-        pairs = counts["pairs"]
-        for s in dict.fromkeys(sources):
-            if pairs > 0:
-                metrics[f"select/chosen_{s}"] = counts[f"chosen_{s}"] / pairs
-                metrics[f"select/rejected_{s}"] = counts[f"rejected_{s}"] / pairs
-        for k in ("pairs", "skipped", "ties_best", "ties_worst"):
-            metrics[f"select/{k}"] = counts[k]
-        for k in BEST_CLASSES:
-            if k in counts and pairs > 0:
-                metrics[f"select/{k}"] = counts[k] / pairs
-        if self.hparams.include_rewrite:
-            metrics["train/rewrite_unaligned"] = float(cands.unaligned_rewrites)
-        if rollouts is not None:
-            metrics["train/rollout_len"] = float(rollouts.lengths.float().mean())
-            metrics["train/rollout_finished"] = float(rollouts.finished.float().mean())
-        metrics.update({f"train/{k}": v for k, v in loss_stats.items()})
-        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        metrics = step_metrics(scores, total, cands, sel, counts, loss_stats, rollouts)
         self.log_dict(metrics, batch_size=rows)
         if "select/chosen_rollout" in metrics:
             self.log(
@@ -574,45 +487,19 @@ class SuffixPolicyDPO(LightningModule):
                 batch_size=rows,
             )
 
-    def _sample_rows(self, batch, cands: Candidates, total, scores: CandidateScores, sel, step) -> list[dict]:
-        """The first ``num_log_samples`` prefixes: candidates with sources and scores, and the pair."""
-        components = {k: v.detach().float().cpu() for k, v in scores.components.items()}
-        rows = []
-        for b in range(min(len(cands.texts), self.hparams.num_log_samples)):
-            candidates = []
-            for c, text in enumerate(cands.texts[b]):
-                entry = {"source": cands.sources[c], "text": text, "score": float(total[b, c])}
-                entry.update({k: float(v[b, c]) for k, v in components.items()})
-                candidates.append(entry)
-            ok, has_rejected = bool(sel.valid[b]), int(sel.rejected[b]) >= 0
-            rows.append(
-                {
-                    "step": step,
-                    "doc_id": str(batch["doc_id"][b]) if "doc_id" in batch else None,
-                    "prefix": batch["prefix_text"][b],
-                    "suffix": batch["suffix_text"][b],
-                    "candidates": candidates,
-                    "chosen": int(sel.chosen[b]) if ok else None,
-                    "rejected": int(sel.rejected[b]) if has_rejected else None,
-                    "tie_best": bool(sel.tie_best[b]),
-                    "tie_worst": bool(sel.tie_worst[b]),
-                }
-            )
-        return rows
-
     # ------------------------------------------------------------------------ validation
     def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         """One sampled continuation per prefix, judged as candidate 0 of [continuation, suffix]."""
-        hp = self.hparams
+        v = self.validation
         prefixes, suffixes = list(batch["prefix_text"]), list(batch["suffix_text"])
-        budget = hp.val_max_new_tokens or hp.max_new_tokens or batch["suffix_ids"].shape[1]
+        budget = v.max_new_tokens or self.candidates.max_new_tokens or batch["suffix_ids"].shape[1]
         rollouts = generate(
             self.policy,
             self.tokenizer,
             prompt_ids=batch["prefix_ids"],
             prompt_mask=batch["prefix_mask"],
             max_new_tokens=budget,
-            temperature=hp.val_temperature,
+            temperature=v.temperature,
             generator=self._generator(stage, batch_idx, self.device),  # same draws every evaluation
         )
         scores = self.judge.score_candidates(
