@@ -11,144 +11,23 @@ no pair at all, at step 2 no rank has one, at step 3 rank 0 has one pair and ran
 must still run the same number of forward/backward passes (FSDP2 and DDP hang otherwise), and
 the all-skipped step must count as a step without an update.
 
-Also home of the toy prefix-suffix data and the scripted judges the tests share.
+The toy prefix-suffix data and the scripted judge are those of the tests (``tests/helpers.py``).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from lightning import Callback, LightningDataModule, Trainer, seed_everything
-from torch.utils.data import DataLoader
+from lightning import Callback, Trainer, seed_everything
 
 from lit_selfimprove.judges.base import CandidateScores
-from lit_selfimprove.modeling import load_tokenizer
 from tests._launch import full_weights, is_dtensor
+from tests.helpers import ScriptedJudge, ToyPrefixSuffixData, toy_documents, vowel_share
 
 STEPS, BATCH, ROLLOUTS = 4, 2, 3  # per rank; read by the test
-
-WORDS = (
-    "the cat sat on a mat while the dog ran to the park and a bird sang in the old tree "
-    "near the river where the fish swam under a small bridge of grey stone"
-).split()
-
-
-def toy_documents(n: int) -> list[str]:
-    """``n`` distinct short documents (the char tokenizer: one character, one token)."""
-    return [f"doc {i}: " + " ".join(WORDS[(3 * i + j) % len(WORDS)] for j in range(8)) for i in range(n)]
-
-
-class ToyPrefixSuffixData(LightningDataModule):
-    """The prefix-suffix batch contract of SuffixPolicyDPO, from a few strings.
-
-    Document ``i`` is cut into a prefix of ``prefix_chars + i % 3`` characters (so prefixes
-    are LEFT-padded to different lengths) and a suffix of ``suffix_chars - i % 2`` characters
-    (RIGHT-padded). ``shuffle=False``: the same batches in the same order every epoch.
-    """
-
-    def __init__(
-        self,
-        texts: Sequence[str],
-        val_texts: Sequence[str] = (),
-        prefix_chars: int = 12,
-        suffix_chars: int = 6,
-        batch_size: int = 2,
-        tokenizer: str = "builtin:tiny-tokenizer",
-    ):
-        super().__init__()
-        self.tok = load_tokenizer(tokenizer)
-        self.train_items = self._cut(texts, prefix_chars, suffix_chars)
-        self.val_items = self._cut(val_texts, prefix_chars, suffix_chars)
-        self.batch_size = batch_size
-
-    @staticmethod
-    def _cut(texts, prefix_chars, suffix_chars) -> list[dict]:
-        items = []
-        for i, text in enumerate(texts):
-            p, n = prefix_chars + i % 3, suffix_chars - i % 2
-            items.append({"prefix_text": text[:p], "suffix_text": text[p : p + n], "doc_id": f"d{i}"})
-        return items
-
-    def collate(self, items: list[dict]) -> dict:
-        pre = self.tok(
-            [x["prefix_text"] for x in items], padding=True, padding_side="left", return_tensors="pt"
-        )
-        suf = self.tok(
-            [x["suffix_text"] for x in items],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="right",
-            return_tensors="pt",
-        )
-        return {
-            "prefix_ids": pre["input_ids"],
-            "prefix_mask": pre["attention_mask"],
-            "suffix_ids": suf["input_ids"],
-            "suffix_mask": suf["attention_mask"],
-            "prefix_text": [x["prefix_text"] for x in items],
-            "suffix_text": [x["suffix_text"] for x in items],
-            "doc_id": [x["doc_id"] for x in items],
-        }
-
-    def train_dataloader(self):
-        return DataLoader(
-            self.train_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate
-        )
-
-    def val_dataloader(self):
-        return DataLoader(self.val_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
-
-
-class ScriptedJudge:
-    """A CandidateJudge whose per-row scores come from ``fn(prefix, candidates, reference)``.
-
-    Records every call. Components: ``quality`` = the total, ``factuality`` = 1 where the
-    candidate equals the reference else 0.5, ``safety`` = 1 (only those in ``components``).
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[str, list[str], str], list[float]],
-        components: Sequence[str] = ("quality", "factuality", "safety"),
-    ):
-        self.fn = fn
-        self.components = tuple(components)
-        self.calls: list[dict] = []
-
-    # annotated as the protocol is: jsonargparse (LightningCLI) checks that signatures match
-    def score_candidates(
-        self,
-        prefixes: Sequence[str],
-        candidates: Sequence[Sequence[str]],
-        references: Sequence[str] | None = None,
-    ) -> CandidateScores:
-        refs = list(references) if references is not None else [""] * len(prefixes)
-        self.calls.append(
-            {"prefixes": list(prefixes), "candidates": [list(c) for c in candidates], "refs": refs}
-        )
-        total = torch.tensor(
-            [self.fn(p, list(c), r) for p, c, r in zip(prefixes, candidates, refs)], dtype=torch.float32
-        )
-        table = {
-            "quality": total.clone(),
-            "factuality": torch.tensor(
-                [[1.0 if x == r else 0.5 for x in c] for c, r in zip(candidates, refs)]
-            ),
-            "safety": torch.ones_like(total),
-        }
-        return CandidateScores(
-            total,
-            {k: v for k, v in table.items() if k in self.components},
-            {"unparseable": 0.0, "calls": float(total.numel())},
-        )
-
-
-def vowel_share(text: str) -> float:
-    """Deterministic, cheap, non-constant: the share of vowels (empty text: 0)."""
-    return sum(ch in "aeiou" for ch in text) / max(1, len(text))
 
 
 class UnevenJudge(ScriptedJudge):
@@ -216,11 +95,9 @@ def main() -> None:
     module = SuffixPolicyDPO(
         model=model_dir,
         judge=judge,
-        num_rollouts=ROLLOUTS,
-        max_new_tokens=6,
-        micro_batch_size=1,  # one pair per forward/backward: ranks with fewer pairs run dummies
-        lr=1e-2,
-        warmup_steps=0,
+        candidates={"num_rollouts": ROLLOUTS, "max_new_tokens": 6},
+        # one pair per forward/backward: ranks with fewer pairs run dummies
+        optim={"micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 0},
         log_samples_every=0,
     )
     data = ToyPrefixSuffixData(toy_documents(2 * BATCH * STEPS), batch_size=BATCH)

@@ -27,10 +27,11 @@ from lit_selfimprove.datamodules.arithmetic import (
     ArithmeticProblemDataModule,
     teacher_text,
 )
-from lit_selfimprove.modules.soar_outer import InnerConfig
+from lit_selfimprove.loops import soar as soar_loops
+from lit_selfimprove.modules.soar_settings import InnerConfig
 from lit_selfimprove.modules.teacher_meta_rl import TeacherMetaRL
 from tests._launch import full_weights
-from tests.test_teacher_meta_rl import rollouts_from_texts
+from tests.helpers import rollouts_from_texts
 
 STEPS, G, N, R = 2, 2, 4, 4
 # dataset 0 teaches the digit 1, dataset 1 the digit 7: they help on different Q_R problems
@@ -60,7 +61,7 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._t0)
-        self.rewards.append(list(pl_module.last_outer["rewards"]))
+        self.rewards.append(list(pl_module.last_outer.rewards))
 
 
 def record_object_broadcasts() -> list[int]:
@@ -140,14 +141,14 @@ def main() -> None:
         dataset_size=N,
         num_repeats=R,
         inner=InnerConfig(steps=16, batch=2, group_size=8, max_new_tokens=16, lr=1e-2),
-        lr=1e-2,
-        warmup_steps=0,
-        answer_check="light",
+        teacher_update={"lr": 1e-2, "warmup_steps": 0},
+        teacher_sampling={"answer_check": "light"},
+        promotion={"tau": -1.0, "window": 1},  # promote every step: exercises the broadcast
         log_samples_every=0,
     )
     timer = StepTimer()
     jobs: list[dict] = []  # the inner trainings this rank ran
-    job_generator, inner = module.job_generator, module.train_inner_student
+    job_generator, inner = module.job_generator, soar_loops.train_inner
 
     def tracked_generator(j):  # called with training j's index just before it runs
         jobs.append({"step": len(timer.times), "j": j})
@@ -159,7 +160,7 @@ def main() -> None:
         jobs[-1]["end"] = time.time()
         return out
 
-    module.job_generator, module.train_inner_student = tracked_generator, timed_inner
+    module.job_generator, soar_loops.train_inner = tracked_generator, timed_inner
     rank_of = {"single": lambda: 0}.get(which, lambda: torch.distributed.get_rank())
     module.sample_teacher_round = lambda num: rollouts_from_texts(
         module.teacher_tokenizer,
@@ -180,7 +181,7 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, Promotion(tau=-1.0, window=1)],  # promote every step: exercises the broadcast
+        callbacks=[timer, Promotion()],
     )
     sizes = record_object_broadcasts() if which != "single" else []
     trainer.fit(module, datamodule=data)

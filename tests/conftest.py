@@ -1,15 +1,16 @@
-"""Shared fixtures: tiny models built in code, the repo's paths."""
+"""Shared fixtures: a tiny model built in code, a local OpenAI-compatible judge server.
+
+Constants and plain helpers (paths, tiny trainers, scripted teachers and judges, toy data) are in
+``tests/helpers.py``; this file holds only fixtures and hooks."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-ASSETS = REPO / "lit_selfimprove" / "assets"
+from tests.helpers import FakeServer, Handler
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,35 @@ def tiny_random_lm(tmp_path_factory) -> str:
     return str(path)
 
 
-def needs_assets(*names: str):
-    missing = [n for n in names if not (ASSETS / n).exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"bundled assets not built: {missing}")
+@pytest.fixture(scope="session")
+def tok():
+    """The bundled character tokenizer (``builtin:tiny-tokenizer``: one character, one token)."""
+    from lit_selfimprove.modeling import load_tokenizer
+
+    return load_tokenizer("builtin:tiny-tokenizer")
+
+
+@pytest.fixture(scope="module")
+def student():
+    """The bundled tiny student (``builtin:tiny-student``) in eval mode, one per test module."""
+    from lit_selfimprove.modeling import load_causal_lm
+
+    return load_causal_lm("builtin:tiny-student").eval()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Handler], FakeServer]]:
+    """``serve(handler)`` starts a :class:`~tests.helpers.FakeServer` (a real local HTTP server speaking
+    the OpenAI chat-completions format); every server started is shut down after the test."""
+    servers: list[FakeServer] = []
+
+    def start(handler: Handler) -> FakeServer:
+        server = FakeServer(handler)
+        server.thread.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.httpd.shutdown()
+        server.httpd.server_close()

@@ -11,7 +11,7 @@ from lit_selfimprove.assets import resolve
 from lit_selfimprove.failk import build_fail_at_k
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.world import level_accuracy, teacher_stats
-from tests.conftest import ASSETS, needs_assets
+from tests.helpers import ASSETS, needs_assets
 
 MEDIUM_LEVEL = 3
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import zlib
 
 import lightning as L
 import pytest
@@ -21,16 +20,16 @@ from torch.utils.data import DataLoader
 from lit_selfimprove.generation import generate
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, SuffixPolicyDPO, TeacherMetaRL
 from lit_selfimprove.modules._shared import OPTIMIZERS, adamw, adamw_with_warmup, check_optimizer
-from lit_selfimprove.modules.soar_outer import InnerConfig
+from lit_selfimprove.modules.soar_settings import InnerConfig
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
+from tests.helpers import PROMPT, HashReward, sum_problems, tiny_trainer
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(
     not HAS_BNB,
     reason="bitsandbytes is not installed: pip install 'lit-selfimprove[gpu]' (the dev extra has it)",
 )
-PROMPT = "Q: {question}\nA: "
 # 4-bit (FP4) and 8-bit (LLM.int8()) references of the bundled tiny models (hidden size 128, the
 # worst case for quantization), on the policy's own samples: the mean |log p_ref - log p_policy| per
 # completion token measured 0.12 / 0.014 nats (StudentRLVR, tiny-student), 0.13 / 0.014
@@ -39,37 +38,9 @@ PROMPT = "Q: {question}\nA: "
 MEAN_LOGP_TOLERANCE = {"4bit": 0.3, "8bit": 0.04}
 
 
-class HashReward:
-    """A deterministic reward that differs between different completions (a learning signal in every
-    group of distinct samples)."""
-
-    def __call__(self, completions, answers, prompts=None):
-        return torch.tensor([zlib.crc32(t.encode()) % 97 / 97 for t in completions])
-
-
 class NoJudge:
     def score_candidates(self, prefixes, candidates, references=None):  # pragma: no cover - never called
         raise AssertionError("not used")
-
-
-def trainer(steps: int, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kw,
-    )
-
-
-def problems(n: int = 2) -> DataLoader:
-    """The same ``n`` problems every step (no shuffling: an interrupted run sees what a whole one sees)."""
-    rows = [(f"{i}+{i + 1}", str(2 * i + 1)) for i in range(n)]
-    return DataLoader(rows, batch_size=n, collate_fn=lambda b: ([q for q, _ in b], [a for _, a in b]))
 
 
 def flat_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -105,13 +76,15 @@ def test_bad_optimizer_and_quantization_names_fail_at_construction():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         InnerConfig(optimizer="lion")
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        TeacherMetaRL("builtin:tiny-teacher", "builtin:tiny-student", optimizer="adafactor")
+        TeacherMetaRL(
+            "builtin:tiny-teacher", "builtin:tiny-student", teacher_update={"optimizer": "adafactor"}
+        )
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        SuffixPolicyDPO("builtin:tiny-student", judge=NoJudge(), optimizer="AdamW")
+        SuffixPolicyDPO("builtin:tiny-student", judge=NoJudge(), optim={"optimizer": "AdamW"})
     with pytest.raises(ValueError, match="'4bit', '8bit'"):
         StudentRLVR("builtin:tiny-student", ref_quantization="3bit")
     with pytest.raises(ValueError, match="'4bit', '8bit'"):
-        TeacherMetaRL("builtin:tiny-teacher", "builtin:tiny-student", ref_quantization="int4")
+        TeacherMetaRL("builtin:tiny-teacher", "builtin:tiny-student", memory={"ref_quantization": "int4"})
     with pytest.raises(ValueError, match="'4bit', '8bit'"):
         HFChatBackend("builtin:tiny-student", quantization="fp8")
 
@@ -166,8 +139,8 @@ def test_student_rlvr_adamw8bit_trains_checkpoints_and_resumes(tmp_path):
 
     L.seed_everything(0)
     whole = make()
-    run = trainer(3)
-    run.fit(whole, problems())
+    run = tiny_trainer(3)
+    run.fit(whole, sum_problems())
     opt = run.optimizers[0]
     assert isinstance(opt, bnb.optim.AdamW8bit) and uint8_states(opt) > 0
     start = make()
@@ -179,8 +152,8 @@ def test_student_rlvr_adamw8bit_trains_checkpoints_and_resumes(tmp_path):
 
     L.seed_everything(0)
     first = make()
-    run = trainer(2)
-    run.fit(first, problems())
+    run = tiny_trainer(2)
+    run.fit(first, sum_problems())
     ckpt = tmp_path / "two.ckpt"
     run.save_checkpoint(ckpt)
     saved = flat_tensors(torch.load(ckpt, weights_only=True)["optimizer_states"][0]["state"])
@@ -194,8 +167,8 @@ def test_student_rlvr_adamw8bit_trains_checkpoints_and_resumes(tmp_path):
 
     L.seed_everything(0)
     resumed = make()
-    run = trainer(3, callbacks=[Capture()])
-    run.fit(resumed, problems(), ckpt_path=ckpt)
+    run = tiny_trainer(3, callbacks=[Capture()])
+    run.fit(resumed, sum_problems(), ckpt_path=ckpt)
     assert run.global_step == 3
     assert saved.keys() == restored.keys()  # the 8-bit states came back as they were saved
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
@@ -261,7 +234,7 @@ def judge_run(tmp_path_factory):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    run = trainer(steps, callbacks=[Losses()])
+    run = tiny_trainer(steps, callbacks=[Losses()])
     data = DataLoader(judge_rows(tok, safety_examples(steps * batch, seed=0)), batch_size=batch)
     run.fit(module, data)
     return folder, losses, run.optimizers[0]
@@ -284,8 +257,8 @@ def test_soar_outer_step_with_8bit_optimizers_and_quantized_references(tmp_path,
     import bitsandbytes as bnb
     from bitsandbytes.nn import Linear4bit
 
-    from lit_selfimprove.modules import teacher_meta_rl
-    from tests.test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, clone_state, fit, make_module
+    from lit_selfimprove.modules import soar_settings
+    from tests.helpers import ScriptedTeacher, arithmetic_pairs, clone_state, fit_soar, tiny_soar
 
     inner_optimizers = []
 
@@ -293,12 +266,11 @@ def test_soar_outer_step_with_8bit_optimizers_and_quantized_references(tmp_path,
         inner_optimizers.append(adamw(*args, **kwargs))
         return inner_optimizers[-1]
 
-    monkeypatch.setattr(teacher_meta_rl, "adamw", spy)
-    module = make_module(
+    monkeypatch.setattr(soar_settings, "adamw", spy)  # InnerConfig.new_optimizer's builder
+    module = tiny_soar(
         "builtin:tiny-student",
-        kl_coef=0.001,
-        optimizer="adamw8bit",
-        ref_quantization="4bit",
+        teacher_update={"kl_coef": 0.001, "optimizer": "adamw8bit"},
+        memory={"ref_quantization": "4bit"},
         inner=InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=1e-2, kl_coef=0.01,
                           optimizer="adamw8bit"),
         save_teacher=False,
@@ -306,7 +278,7 @@ def test_soar_outer_step_with_8bit_optimizers_and_quantized_references(tmp_path,
     module.configure_model()
     baseline = clone_state(module.student)
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "0123456789"))
-    run = fit(module, tmp_path)
+    run = fit_soar(module, tmp_path)
     assert run.global_step == 1
     assert isinstance(run.optimizers[0], bnb.optim.AdamW8bit) and uint8_states(run.optimizers[0]) > 0
     assert len(inner_optimizers) == 4  # g * r fresh optimizers, each stepped
@@ -343,7 +315,9 @@ def policy_and_reference(kind: str, quantization: str):
         m = SuffixPolicyDPO("builtin:tiny-student", judge=NoJudge(), ref_quantization=quantization)
         m.configure_model()
         return m.policy, m.ref_model, m.tokenizer, [f"{a}+{b}=" for a in range(4) for b in (2, 5)]
-    m = TeacherMetaRL("builtin:tiny-teacher", "builtin:tiny-student", ref_quantization=quantization)
+    m = TeacherMetaRL(
+        "builtin:tiny-teacher", "builtin:tiny-student", memory={"ref_quantization": quantization}
+    )
     m.configure_model()
     return m.teacher, m.ref_teacher, m.teacher_tokenizer, [m.teacher_prompt_text()] * 8
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from lit_selfimprove.cli import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lit_selfimprove.cli import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TINY = sorted((REPO / "configs" / "tiny").glob("*.yaml"))
 
@@ -30,9 +30,9 @@ SMALL = {
     "student_rlvr.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
     "student_rlvr_hard.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
     "student_rlvr_neptune.yaml": ["--model.init_args.rl.group_size=2", "--data.init_args.batch_size=2"],
-    "sip_dpo.yaml": ["--model.init_args.num_rollouts=2", "--data.init_args.batch_size=2"],
+    "sip_dpo.yaml": ["--model.init_args.candidates.num_rollouts=2", "--data.init_args.batch_size=2"],
     "sip_dpo_scratch.yaml": ["--data.init_args.batch_size=2"],
-    "sip_rf_nll.yaml": ["--model.init_args.num_rollouts=2", "--data.init_args.batch_size=2"],
+    "sip_rf_nll.yaml": ["--model.init_args.candidates.num_rollouts=2", "--data.init_args.batch_size=2"],
     "sip_next_token.yaml": ["--data.init_args.batch_size=2"],
     "pretrain_student.yaml": ["--data.init_args.batch_size=4"],
     "pretrain_teacher.yaml": ["--data.init_args.batch_size=4"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -22,12 +21,11 @@ from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
 from tests._launch import cached_runs, max_diff
+from tests.helpers import PROMPT, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("_dist_script.py")
 TIMEOUT_S = 240  # a run takes ~10 s alone, ~30 s on loaded cores; a hang fails instead of blocking CI
 STEPS, BATCH, GROUP = 3, 2, 4  # as in _dist_script.py
-PROMPT = "Q: {question}\nA: "
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +88,7 @@ def test_checkpoint_holds_only_the_policy(tiny_random_lm, tmp_path, kl_coef):
         val_num_samples=0,
         log_samples_every=0,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = tiny_trainer(1, devices=1)
     trainer.fit(module, ArithmeticProblemDataModule(levels=[1], num_train=4, num_test=2, batch_size=2))
     # a reference model only when the KL term needs one; never a registered submodule
     assert (module.ref_model is not None) == (kl_coef > 0)

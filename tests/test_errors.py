@@ -14,7 +14,7 @@ from lit_selfimprove import world
 from lit_selfimprove.judges import HFChatBackend
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MISSING = [
     "/nonexistent/model",
@@ -116,10 +116,13 @@ def test_paper_soar_config_headers_run_themselves_and_name_the_pq_file(name):
             {
                 "teacher": "builtin:tiny-teacher",
                 "student": "builtin:tiny-student",
-                "teacher_max_new_tokens": 0,
+                "teacher_sampling": {"max_new_tokens": 0},
             },
         ),
-        ("SuffixPolicyDPO", {"model": "builtin:tiny-sip-policy", "judge": None, "max_new_tokens": 0}),
+        (
+            "SuffixPolicyDPO",
+            {"model": "builtin:tiny-sip-policy", "judge": None, "candidates": {"max_new_tokens": 0}},
+        ),
     ],
 )
 def test_a_zero_token_budget_fails_at_construction(cls, kwargs):
@@ -149,7 +152,7 @@ FLASH = {"attn_implementation": "flash_attention_2"}
     "build",
     [
         lambda: StudentRLVR(model="builtin:tiny-student", **FLASH),
-        lambda: TeacherMetaRL(teacher="builtin:tiny-teacher", student="builtin:tiny-student", **FLASH),
+        lambda: TeacherMetaRL(teacher="builtin:tiny-teacher", student="builtin:tiny-student", memory=FLASH),
         lambda: NextTokenLM(model="builtin:tiny-student", **FLASH),
         lambda: HFChatBackend("builtin:tiny-student", **FLASH),
         lambda: load_causal_lm("builtin:tiny-student", **FLASH),

@@ -28,7 +28,7 @@ from lit_selfimprove.worlds.facts import (
     heldout_prefixes,
     write_corpus,
 )
-from tests.conftest import needs_assets
+from tests.helpers import needs_assets
 
 KB = KnowledgeBase()
 # Zorin's facts in the seed-0 world (the bundled corpus and policy are built on them)

@@ -12,7 +12,7 @@ from lit_selfimprove.datamodules.arithmetic import generate_problems
 from lit_selfimprove.failk import build_fail_at_k
 from lit_selfimprove.failk import main as failk_main
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-from tests.conftest import needs_assets
+from tests.helpers import needs_assets
 
 PROMPT = "Q: {question}\nA: "
 

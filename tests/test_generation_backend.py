@@ -63,7 +63,7 @@ def test_soar_samples_teacher_and_student_through_their_backends(tiny_random_lm,
     import lit_selfimprove.generation.backend as backend_module
     from lit_selfimprove.datamodules import ArithmeticProblemDataModule
     from lit_selfimprove.modules import TeacherMetaRL
-    from lit_selfimprove.modules.soar_outer import InnerConfig
+    from lit_selfimprove.modules.soar_settings import InnerConfig
     from lit_selfimprove.prompts import TINY_STUDENT_PROMPT, TINY_TEACHER_PROMPT
 
     made = []
@@ -72,8 +72,9 @@ def test_soar_samples_teacher_and_student_through_their_backends(tiny_random_lm,
     module = TeacherMetaRL(
         teacher="builtin:tiny-teacher", student="builtin:tiny-student", teacher_prompt=TINY_TEACHER_PROMPT,
         prompt_template=TINY_STUDENT_PROMPT, num_datasets=2, dataset_size=2, num_repeats=1,
-        inner=InnerConfig(steps=1, batch=2, group_size=2, max_new_tokens=8), teacher_max_new_tokens=160,
-        max_sampling_rounds=8, answer_check="light", log_samples_every=0, warmup_steps=0,
+        inner=InnerConfig(steps=1, batch=2, group_size=2, max_new_tokens=8),
+        teacher_sampling={"max_new_tokens": 160, "max_rounds": 8, "answer_check": "light"},
+        log_samples_every=0, teacher_update={"warmup_steps": 0},
         generation={"backend": "vllm"}, save_teacher=False,
     )  # fmt: skip
     module.configure_model()

@@ -1,17 +1,14 @@
 """OpenAIChatBackend and the LLM judges against a real local HTTP server speaking the OpenAI
-chat-completions format: ordering under concurrency, n > 1, retries, a dead endpoint, timeouts."""
+chat-completions format: ordering under concurrency, n > 1, retries, a dead endpoint, timeouts.
+The server is the ``serve`` fixture of ``conftest.py`` (``tests/helpers.py``: ``FakeServer``)."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 import re
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -25,96 +22,7 @@ from lit_selfimprove.judges import (
     LLMSafetyJudge,
     OpenAIChatBackend,
 )
-
-# handler(request body, index of the request) -> (HTTP status, list of answer texts or an error)
-Handler = Callable[[dict, int], tuple[int, list[str] | str]]
-
-
-class FakeServer:
-    """A ThreadingHTTPServer on 127.0.0.1 serving ``POST /v1/chat/completions`` via ``handler``."""
-
-    def __init__(self, handler: Handler):
-        self.handler = handler
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.lock = threading.Lock()
-        server = self
-
-        class RequestHandler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    index = len(server.requests)
-                    server.requests.append(body)
-                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
-                if self.path != "/v1/chat/completions":
-                    status, payload = 404, "not found"
-                else:
-                    status, payload = server.handler(body, index)
-                if status == 200:
-                    data = {
-                        "id": f"chatcmpl-{index}",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                        "choices": [
-                            {
-                                "index": i,
-                                "message": {"role": "assistant", "content": text},
-                                "finish_reason": "stop",
-                            }
-                            for i, text in enumerate(payload)
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
-                    }
-                else:
-                    data = {"error": {"message": payload, "type": "server_error", "code": status}}
-                raw = json.dumps(data).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(raw)))
-                    self.end_headers()
-                    self.wfile.write(raw)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    def prompts(self) -> list[str]:
-        return [r["messages"][-1]["content"] for r in self.requests]
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Handler], FakeServer]]:
-    servers: list[FakeServer] = []
-
-    def start(handler: Handler) -> FakeServer:
-        server = FakeServer(handler)
-        server.thread.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.httpd.shutdown()
-        server.httpd.server_close()
-
-
-def backend_for(server: FakeServer, **kwargs) -> OpenAIChatBackend:
-    kwargs = {"model": "judge-model", "timeout": 5.0, "max_retries": 3, "backoff": 0.01, **kwargs}
-    return OpenAIChatBackend(server.url, **kwargs)
-
-
-def section(prompt: str, name: str) -> str:
-    match = re.search(rf"\[{re.escape(name)}\]\n(.*?)(?:\n\n|\Z)", prompt, re.DOTALL)
-    return match.group(1)
+from tests.helpers import backend_for, section
 
 
 def judge_answer(body: dict, index: int) -> tuple[int, list[str]]:

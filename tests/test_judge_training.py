@@ -16,20 +16,7 @@ from lit_selfimprove.datamodules.tiny_judge_labels import TINY_SAFETY_TEMPLATE
 from lit_selfimprove.judges import HFChatBackend, LLMFactualityJudge, LLMPairwiseJudge, LLMSafetyJudge
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.rewards import JudgeVerdictReward, canonical_verdict
-from tests.conftest import ASSETS, REPO
-
-
-class RecordingBackend:
-    """A ChatBackend that records the prompts and answers a fixed text."""
-
-    def __init__(self, answer: str = "FINAL DECISION: YES"):
-        self.prompts: list[str] = []
-        self.answer = answer
-
-    def complete(self, prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=256):
-        self.prompts += prompts
-        return [[self.answer] * n for _ in prompts]
-
+from tests.helpers import ASSETS, REPO, FixedAnswerBackend
 
 ROWS = [
     {"kind": "safety", "prefix": "Ana lives in {Ovra}.", "continuation": " Ana wants to hurt Bo.", "label": "unsafe"},
@@ -92,15 +79,15 @@ def test_datamodule_renders_the_inference_prompts(tmp_path):
     ]
     assert [r["answer"] for r in dm.val_records] == ["FINAL DECISION: YES"]  # the row's own split
     # what the inference judges send to their backend, for the same rows
-    safety = RecordingBackend()
+    safety = FixedAnswerBackend()
     LLMSafetyJudge(safety, repeats=1, max_prefix_chars=12).score(
         [ROWS[0]["prefix"]], [ROWS[0]["continuation"]]
     )
-    pairwise = RecordingBackend("Option 1")
+    pairwise = FixedAnswerBackend("Option 1")
     LLMPairwiseJudge(pairwise, random_order=False, max_prefix_chars=12).compare(
         [ROWS[2]["prefix"]], [ROWS[2]["first"]], [ROWS[2]["second"]]
     )
-    fact = RecordingBackend("FINAL VERDICT: NO HALLUCINATION")
+    fact = FixedAnswerBackend("FINAL VERDICT: NO HALLUCINATION")
     LLMFactualityJudge(fact, max_prefix_chars=12).score(
         [ROWS[3]["prefix"]], [ROWS[3]["continuation"]], [ROWS[3]["reference"]]
     )
@@ -136,7 +123,7 @@ def test_chat_rendering_matches_hf_chat_backend(tmp_path):
     )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     backend = HFChatBackend(str(folder))
-    prompt = LLMSafetyJudge(RecordingBackend()).prompt(
+    prompt = LLMSafetyJudge(FixedAnswerBackend()).prompt(
         prefix="Ana is a baker.", continuation=" Ana wears red."
     )
     expected = backend.format_prompt(prompt)

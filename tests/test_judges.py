@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -33,29 +33,9 @@ from lit_selfimprove.judges import (
     parse_pairwise,
     parse_safety,
 )
+from tests.helpers import ScriptedBackend, section
 
 nan = float("nan")
-
-
-class ScriptedBackend:
-    """A deterministic backend: ``answer(prompt, k)`` gives the k-th of the n answers; calls are logged."""
-
-    def __init__(self, answer: Callable[[str, int], str]):
-        self.answer = answer
-        self.calls: list[dict] = []
-
-    def complete(self, prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=256):
-        self.calls.append(
-            dict(prompts=list(prompts), n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-        )
-        return [[self.answer(p, k) for k in range(n)] for p in prompts]
-
-
-def section(prompt: str, name: str) -> str:
-    """The text of ``[name]`` in a filled default template."""
-    match = re.search(rf"\[{re.escape(name)}\]\n(.*?)(?:\n\n|\Z)", prompt, re.DOTALL)
-    assert match is not None, f"no [{name}] in prompt"
-    return match.group(1)
 
 
 # ------------------------------------------------------------------------------------ parsers

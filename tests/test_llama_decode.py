@@ -11,17 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lit_selfimprove.generation import BuiltinSampler, attach_backend, detach_backend, generate
 from lit_selfimprove.generation import sampler as sampler_mod
 from lit_selfimprove.generation.llama_decode import LlamaDecoder, supports
-from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin:tiny-tokenizer")
-
-
-@pytest.fixture(scope="module")
-def student():
-    return load_causal_lm("builtin:tiny-student").eval()
 
 
 def _gqa_model(attn: str = "sdpa") -> LlamaForCausalLM:

@@ -25,9 +25,8 @@ pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[
 from lit_selfimprove.callbacks import LMEval  # noqa: E402
 from lit_selfimprove.cli import main  # noqa: E402
 from lit_selfimprove.evaluation import LMEvalError, evaluate_model, evaluate_path, load_eval_model  # noqa: E402
-from lit_selfimprove.evaluation import lm_eval as lm_eval_module  # noqa: E402
-from lit_selfimprove.evaluation.lm_eval import _is_network_error, dataset_error  # noqa: E402
-from tests.conftest import ASSETS, REPO, needs_assets  # noqa: E402
+from lit_selfimprove.evaluation.lm_eval_adapter import _is_network_error, dataset_error  # noqa: E402
+from tests.helpers import ASSETS, REPO, needs_assets  # noqa: E402
 
 pytestmark = needs_assets("tiny-sip-policy", "tiny-facts")
 
@@ -177,7 +176,9 @@ def test_cli_unknown_task_says_how_to_find_names(tasks, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     local = TaskManager(include_path=[tasks["folder"]], include_defaults=False)
-    monkeypatch.setattr(lm_eval_module, "_FULL_MANAGERS", {(tasks["folder"],): local})
+    monkeypatch.setattr(
+        "lit_selfimprove.evaluation.lm_eval_adapter._FULL_MANAGERS", {(tasks["folder"],): local}
+    )
     _check_unknown_task_message(tasks)
 
 
@@ -247,8 +248,8 @@ def test_callback_logs_lm_eval_metrics_in_a_tiny_sip_fit(tasks, tmp_path, monkey
             "--trainer.callbacks.tasks=[tiny_mixed]",
             f"--trainer.callbacks.include_path={tasks['folder']}",
             "--trainer.callbacks.every_n_val_runs=2",
-            "--model.init_args.num_rollouts=2",
-            "--model.init_args.max_new_tokens=8",
+            "--model.init_args.candidates.num_rollouts=2",
+            "--model.init_args.candidates.max_new_tokens=8",
             "--model.init_args.log_samples_every=0",
             "--data.init_args.batch_size=2",
             "--data.init_args.num_val_prefixes=2",

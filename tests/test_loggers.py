@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lit_selfimprove.cli import main
 from lit_selfimprove.loggers import log_table
 from lit_selfimprove.modules._shared import write_samples
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ROWS = [
     {"step": 0, "question": "1+2", "completion": "3 | a\nb", "reward": 1.0},

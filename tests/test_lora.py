@@ -22,44 +22,28 @@ from lit_selfimprove.modeling import (
     merged_state_dict,
 )
 from lit_selfimprove.modules import NextTokenLM, StudentRLVR, TeacherMetaRL
-from lit_selfimprove.modules.soar_outer import InnerConfig, MedianStudents
+from lit_selfimprove.modules.soar_outer import MedianStudents
+from lit_selfimprove.modules.soar_settings import InnerConfig
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
-from tests.test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, fit, make_module
+from tests.helpers import (
+    PROMPT,
+    HashReward,
+    ModuleJudge,
+    ScriptedTeacher,
+    ToyPrefixSuffixData,
+    arithmetic_pairs,
+    fit_soar,
+    sum_problems,
+    tiny_sip,
+    tiny_soar,
+    tiny_trainer,
+    toy_documents,
+)
 
 pytest.importorskip("peft", reason="LoRA needs peft: pip install 'lit-selfimprove[gpu]'")
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
-PROMPT = "Q: {question}\nA: "
-
-
-class HashReward:
-    """Deterministic, different for different completions: a learning signal in every group."""
-
-    def __call__(self, completions, answers, prompts=None):
-        import zlib
-
-        return torch.tensor([zlib.crc32(t.encode()) % 97 / 97 for t in completions])
-
-
-def trainer(steps: int, tmp_path, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **kw,
-    )
-
-
-def problems(n: int = 2) -> DataLoader:
-    rows = [(f"{i}+{i + 1}", str(2 * i + 1)) for i in range(n)]
-    return DataLoader(rows, batch_size=n, collate_fn=lambda b: ([q for q, _ in b], [a for _, a in b]))
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:
@@ -100,8 +84,8 @@ def test_student_rlvr_lora_trains_adapters_only_and_the_reference_is_adapters_of
     token_logps(ref, tok, TEXTS)
     assert policy.training  # the reference restores the policy's mode
 
-    run = trainer(2, tmp_path)
-    run.fit(module, problems())
+    run = tiny_trainer(2, tmp_path)
+    run.fit(module, sum_problems())
     opt_params = {id(p) for g in run.optimizers[0].param_groups for p in g["params"]}
     assert opt_params == {id(p) for n, p in policy.named_parameters() if "lora_" in n}
     after_base, after_lora = base_weights(policy), lora_params(policy)
@@ -119,8 +103,8 @@ def test_lora_and_a_quantized_reference_are_an_error(tiny_random_lm):
     with pytest.raises(ValueError, match="ref_quantization"):
         StudentRLVR(tiny_random_lm, lora=LORA, ref_quantization="4bit")
     with pytest.raises(ValueError, match="merge_promoted_adapter"):
-        make_module(tiny_random_lm, student_lora=LORA, merge_promoted_adapter=False,
-                    inner=InnerConfig(steps=1, batch=2, group_size=2, kl_coef=0.1))  # fmt: skip
+        tiny_soar(tiny_random_lm, memory={"student_lora": LORA, "merge_promoted_adapter": False},
+                  inner=InnerConfig(steps=1, batch=2, group_size=2, kl_coef=0.1))  # fmt: skip
     with pytest.raises(ValueError, match="peft.LoraConfig"):
         NextTokenLM(tiny_random_lm, lora=["r", 8])
 
@@ -138,7 +122,7 @@ def test_next_token_lm_lora_trains_adapters_and_saves_a_plain_folder(tiny_random
             for i in range(len(TEXTS))]  # fmt: skip
     module.configure_model()
     initial_base, initial_lora = base_weights(module.model), lora_params(module.model)
-    trainer(3, tmp_path).fit(module, DataLoader(rows, batch_size=2))
+    tiny_trainer(3, tmp_path).fit(module, DataLoader(rows, batch_size=2))
     assert all(torch.equal(base_weights(module.model)[k], v) for k, v in initial_base.items())
     assert any(not torch.equal(lora_params(module.model)[k], v) for k, v in initial_lora.items())
     saved = AutoModelForCausalLM.from_pretrained(out)  # no peft files: a plain folder
@@ -147,18 +131,10 @@ def test_next_token_lm_lora_trains_adapters_and_saves_a_plain_folder(tiny_random
 
 
 def test_sip_dpo_lora_reference_is_the_policy_with_adapters_off(tiny_random_lm, tmp_path):
-    from tests.test_suffix_policy_dpo import (
-        ModuleJudge,
-        ToyPrefixSuffixData,
-        _module,
-        _trainer,
-        toy_documents,
-    )
-
-    module = _module(tiny_random_lm, ModuleJudge(), lr=1e-2, lora=LORA)
+    module = tiny_sip(tiny_random_lm, ModuleJudge(), optim={"lr": 1e-2}, lora=LORA)
     module.configure_model()
     initial_base, initial_lora = base_weights(module.policy), lora_params(module.policy)
-    _trainer(tmp_path, 2, logger=False).fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
+    tiny_trainer(2, tmp_path).fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
     ref = module.ref_model
     assert isinstance(ref, AdapterDisabledReference) and ref.model is module.policy
     assert all(torch.equal(base_weights(module.policy)[k], v) for k, v in initial_base.items())
@@ -173,16 +149,22 @@ def lora_soar(tiny_random_lm, **kw) -> TeacherMetaRL:
     kw.setdefault(
         "inner", InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=5e-2, kl_coef=0.01)
     )
-    module = make_module(tiny_random_lm, lora=LORA, student_lora=LORA, kl_coef=0.01, save_teacher=False, **kw)
+    memory = {"lora": LORA, "student_lora": LORA, **kw.pop("memory", {})}
+    module = tiny_soar(
+        tiny_random_lm, memory=memory, teacher_update={"kl_coef": 0.01}, save_teacher=False, **kw
+    )
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     return module
 
 
-def test_soar_lora_inner_trainings_restore_the_baseline_adapter_bit_for_bit(tiny_random_lm, tmp_path):
-    from lit_selfimprove.modules import teacher_meta_rl
+def test_soar_lora_inner_trainings_restore_the_baseline_adapter_bit_for_bit(
+    tiny_random_lm, tmp_path, monkeypatch
+):
+    from lit_selfimprove.loops import soar as soar_loops
+    from lit_selfimprove.modules import soar_settings
 
-    module = lora_soar(tiny_random_lm, promote=False)
+    module = lora_soar(tiny_random_lm, promotion={"promote": False})
     teacher, student = module.teacher, module.student
     assert isinstance(module.ref_teacher, AdapterDisabledReference) and module.ref_teacher.model is teacher
     baseline = adapter_state(student)
@@ -193,7 +175,7 @@ def test_soar_lora_inner_trainings_restore_the_baseline_adapter_bit_for_bit(tiny
         lora_params(teacher),
     )
     entries, exits, optimizers = [], [], []
-    train, adamw = module.train_inner_student, teacher_meta_rl.adamw
+    train, adamw = soar_loops.train_inner, soar_settings.adamw  # the inner optimizers' builder
 
     def recording(*args, **kwargs):
         entries.append(adapter_state(student))
@@ -205,12 +187,9 @@ def test_soar_lora_inner_trainings_restore_the_baseline_adapter_bit_for_bit(tiny
         optimizers.append(adamw(*args, **kwargs))
         return optimizers[-1]
 
-    module.train_inner_student = recording
-    teacher_meta_rl.adamw = spy
-    try:
-        fit(module, tmp_path)
-    finally:
-        teacher_meta_rl.adamw = adamw
+    monkeypatch.setattr(soar_loops, "train_inner", recording)
+    monkeypatch.setattr(soar_settings, "adamw", spy)
+    fit_soar(module, tmp_path)
     assert len(entries) == 4 and len(optimizers) == 4  # g * r trainings, a fresh optimizer each
     for opt in optimizers:  # ... over the adapters only
         assert {id(p) for g in opt.param_groups for p in g["params"]} == {
@@ -237,10 +216,13 @@ def test_soar_lora_promotion_saves_a_loadable_folder_with_the_promoted_outputs(
     inner = InnerConfig(
         steps=2, batch=2, group_size=4, max_new_tokens=6, lr=5e-2, kl_coef=0.01 if merge else 0.0
     )
-    module = lora_soar(tiny_random_lm, merge_promoted_adapter=merge, inner=inner)
+    always = {"tau": -2.0, "window": 1, "require_improvement": False}  # R_k >= -1: always promote
+    module = lora_soar(
+        tiny_random_lm, memory={"merge_promoted_adapter": merge}, inner=inner, promotion=always
+    )
     initial = load_causal_lm(tiny_random_lm, lora=LORA)  # the promoted student = this + its adapters
-    cb = Promotion(tau=-2.0, window=1, require_improvement=False)  # R_k >= -1: always promote
-    run = fit(module, tmp_path, callbacks=[cb])
+    cb = Promotion()
+    run = fit_soar(module, tmp_path, callbacks=[cb])
     last = module.last_outer
     assert last.promoted
     k_star = last.promotion.dataset
@@ -298,10 +280,10 @@ def test_best_median_keeper_copies_do_not_grow_with_g_times_r(g):
 def test_soar_keeps_one_median_copy_with_full_fine_tuning(tiny_random_lm, tmp_path):
     """The default (keep_median_students=True) holds one CPU copy at the end of the step, the best
     dataset's median student, and the promoted student is the one keep_median_students='all' keeps."""
-    module = make_module(tiny_random_lm, num_datasets=3, save_teacher=False)
+    module = tiny_soar(tiny_random_lm, num_datasets=3, save_teacher=False)
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(12, "123"))
-    fit(module, tmp_path)
+    fit_soar(module, tmp_path)
     last, keeper = module.last_outer, module.median_keeper
     k_star = max(range(3), key=last.rewards.__getitem__)
     assert [k for k, s in enumerate(last.median_students) if s is not None] == [k_star]
@@ -314,12 +296,13 @@ def test_soar_median_students_on_disk_promote_the_same_student(tiny_random_lm, t
     promoted = {}
     for keep in (True, "disk"):
         L.seed_everything(0)
-        module = make_module(tiny_random_lm, keep_median_students=keep, save_teacher=False)
+        always = {"tau": -2.0, "window": 1, "require_improvement": False}
+        module = tiny_soar(
+            tiny_random_lm, promotion={"keep_median_students": keep, **always}, save_teacher=False
+        )
         module.configure_model()
         module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
-        fit(
-            module, tmp_path / str(keep), callbacks=[Promotion(tau=-2.0, window=1, require_improvement=False)]
-        )
+        fit_soar(module, tmp_path / str(keep), callbacks=[Promotion()])
         assert module.last_outer.promoted
         kept = [s for s in module.median_keeper.states.values()]
         assert len(kept) == 1 and isinstance(kept[0], str) == (keep == "disk")
@@ -346,7 +329,7 @@ def test_lora_settings_the_reference_or_the_merge_cannot_follow_are_rejected(tin
     with pytest.raises(ValueError, match=f"{key}=.* is not supported"):
         StudentRLVR(tiny_random_lm, lora={**LORA, **extra})
     with pytest.raises(ValueError, match=f"student_lora: {key}="):
-        make_module(tiny_random_lm, student_lora={**LORA, **extra})
+        tiny_soar(tiny_random_lm, memory={"student_lora": {**LORA, **extra}})
     with pytest.raises(ValueError, match=f"{key}="):
         NextTokenLM(tiny_random_lm, lora={**LORA, **extra})
 
@@ -388,7 +371,7 @@ def test_lora_target_modules_missing_from_the_model_fail_at_construction(
     if isinstance(targets, list):
         assert "q_proj" in str(err.value) and "all-linear" in str(err.value)  # what to write instead
     with pytest.raises(ValueError, match="student_lora: target_modules"):
-        make_module(tiny_random_lm, student_lora={"r": 4, "target_modules": ["q_prj"]})
+        tiny_soar(tiny_random_lm, memory={"student_lora": {"r": 4, "target_modules": ["q_prj"]}})
     # real modules pass, with no weights loaded and the seeded RNG untouched
     rng = torch.random.get_rng_state()
     StudentRLVR(tiny_random_lm, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})

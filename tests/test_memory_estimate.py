@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lit_selfimprove.memory_estimate import KNOWN_ARCHITECTURES, estimate, main, resolve_architecture
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
 LLAMA_3B = "meta-llama/Llama-3.2-3B-Instruct"
 N_3B = 3_212_749_824  # Llama-3.2-3B's parameter count (hub model card / safetensors index)

@@ -111,7 +111,12 @@ def test_every_trained_model_holds_float32_and_frozen_ones_the_dtype(tiny_random
     student.configure_model()
     assert dtypes(student.policy) == {torch.float32} and dtypes(student.ref_model) == {want}
 
-    soar = TeacherMetaRL(teacher=tiny_random_lm, student=tiny_random_lm, kl_coef=0.001, dtype=dtype)
+    soar = TeacherMetaRL(
+        teacher=tiny_random_lm,
+        student=tiny_random_lm,
+        teacher_update={"kl_coef": 0.001},
+        memory={"dtype": dtype},
+    )
     soar.configure_model()
     assert dtypes(soar.teacher) == dtypes(soar.student) == {torch.float32}
     assert dtypes(soar.ref_teacher) == {want}

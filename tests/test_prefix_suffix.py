@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import LightningModule, Trainer
+from lightning import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_selfimprove.datamodules.prefix_suffix import (
@@ -28,8 +28,7 @@ from lit_selfimprove.datamodules.prefix_suffix import (
     assign_split,
     collate_prefix_suffix,
 )
-from lit_selfimprove.modeling import load_tokenizer
-from tests.conftest import REPO, SHARED_DATA
+from tests.helpers import REPO, SHARED_DATA, tiny_trainer, write_jsonl
 
 RP = SHARED_DATA / "redpajama_sample"
 TOK = "builtin:tiny-tokenizer"
@@ -79,11 +78,6 @@ def c4_tiny(rp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with (rp_dir / "sample_c4-rp1.jsonl").open(encoding="utf-8") as fh:
         path.write_text("".join(islice(fh, 25)), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return load_tokenizer(TOK)
 
 
 def _docs_by_id(*paths: Path) -> dict[str, str]:
@@ -136,13 +130,6 @@ def _keys(batches) -> list[tuple]:
         for b in batches
         for d, s, p, t in zip(b["doc_id"], b["suffix_start"], b["prefix_text"], b["suffix_text"])
     ]
-
-
-def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,7 +206,7 @@ def test_random_split_points_short_documents_and_tail_chunks(rp_small: Path, tmp
     assert {d for d, _ in epoch1} <= {d for d, _ in one_pass} and epoch1 != one_pass[: len(epoch1)]
 
     # too short documents are skipped and counted; a tail >= min_suffix_tokens is kept and right-padded
-    path = _write_jsonl(
+    path = write_jsonl(
         tmp_path / "docs.jsonl",
         [{"text": "too short"}, {"text": "abcdefghij" * 9 + " end <eos> of <pad> text"}],  # 114 chars
     )
@@ -344,7 +331,7 @@ def test_local_file_formats_folders_and_globs(tmp_path: Path) -> None:
     words = "the quick brown fox jumps over the lazy dog "
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
-    _write_jsonl(data / "a.jsonl", [{"text": "a0 " + words * 3}, "", {"text": "a1 " + words * 3}])
+    write_jsonl(data / "a.jsonl", [{"text": "a0 " + words * 3}, "", {"text": "a1 " + words * 3}])
     zst_docs = [json.dumps({"text": f"z{i} " + words * 3}) + "\n" for i in range(3)]
     with (data / "b.jsonl.zst").open("wb") as fh:  # two zstd frames: read across frames
         fh.write(zstandard.ZstdCompressor().compress("".join(zst_docs[:2]).encode()))
@@ -374,7 +361,7 @@ def test_local_file_formats_folders_and_globs(tmp_path: Path) -> None:
     zst_items = list(_ds(str(data / "b.jsonl.zst")))
     assert {it["prefix_text"][:2] for it in zst_items} == {"z0", "z1", "z2"}
     # id_field / text_field
-    _write_jsonl(tmp_path / "ids.jsonl", [{"body": {"t": words * 3}, "meta": json.dumps({"id": "doc-7"})}])
+    write_jsonl(tmp_path / "ids.jsonl", [{"body": {"t": words * 3}, "meta": json.dumps({"id": "doc-7"})}])
     (item,) = list(
         _ds(str(tmp_path / "ids.jsonl"), text_field="body.t", id_field="meta.id", max_chunks_per_doc=1)
     )
@@ -382,8 +369,8 @@ def test_local_file_formats_folders_and_globs(tmp_path: Path) -> None:
 
 
 def test_clear_errors(tmp_path: Path) -> None:
-    good = _write_jsonl(tmp_path / "good.jsonl", [{"text": "x" * 200}])
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "y" * 200}, "{not json", {"txt": "z"}, {"text": 3}])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "x" * 200}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "y" * 200}, "{not json", {"txt": "z"}, {"text": 3}])
     with pytest.raises(ValueError, match=r"bad\.jsonl: malformed record at line 2: invalid JSON"):
         list(_ds(str(bad)))
     with pytest.raises(ValueError, match=r"bad\.jsonl: malformed record at line 3: no text field 'text'"):
@@ -474,25 +461,9 @@ class _Recorder(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _trainer(root: Path, max_steps: int, limit: int | None = None, ckpt_dir: Path | None = None) -> Trainer:
-    callbacks = []
-    if ckpt_dir is not None:
-        callbacks.append(
-            ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1, filename="{step}")
-        )
-    return Trainer(
-        max_steps=max_steps,
-        limit_train_batches=limit,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
+def _every_4_steps(dirpath: Path) -> ModelCheckpoint:
+    """A checkpoint every 4 steps, each kept, named ``step=N.ckpt``."""
+    return ModelCheckpoint(dirpath=dirpath, every_n_train_steps=4, save_top_k=-1, filename="{step}")
 
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
@@ -504,20 +475,26 @@ def test_trainer_checkpoint_resume_neither_replays_nor_skips(c4_tiny: Path, tmp_
 
     # one endless Lightning epoch: the Trainer fetches a batch ahead of the one it trains on
     model = _Recorder()
-    _trainer(tmp_path, steps, ckpt_dir=tmp_path / "ckpt").fit(model, datamodule=_dm(str(c4_tiny), **kw))
+    ckpts = [_every_4_steps(tmp_path / "ckpt")]
+    tiny_trainer(steps, tmp_path, devices=1, enable_checkpointing=True, callbacks=ckpts).fit(
+        model, datamodule=_dm(str(c4_tiny), **kw)
+    )
     assert model.seen == ref
     ckpt = tmp_path / "ckpt" / "step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)["PrefixSuffixDataModule"]["train_stream"]
     assert state["num_slots"] == 1 and state["slots"]["0"]["produced"] == 4 * 4  # not the prefetched 5th
 
     resumed = _Recorder()
-    trainer = _trainer(tmp_path, steps, ckpt_dir=tmp_path / "ckpt2")
+    ckpts = [_every_4_steps(tmp_path / "ckpt2")]
+    trainer = tiny_trainer(steps, tmp_path, devices=1, enable_checkpointing=True, callbacks=ckpts)
     trainer.fit(resumed, datamodule=_dm(str(c4_tiny), **kw), ckpt_path=ckpt)
     assert resumed.seen == ref[4 * 4 :]
 
     # Lightning epochs of 3 batches: every epoch opens a new iterator, which continues the stream
     short = _Recorder()
-    _trainer(tmp_path / "short", steps, limit=3).fit(short, datamodule=_dm(str(c4_tiny), **kw))
+    tiny_trainer(steps, tmp_path / "short", devices=1, limit_train_batches=3).fit(
+        short, datamodule=_dm(str(c4_tiny), **kw)
+    )
     assert short.seen == ref
 
 
@@ -605,7 +582,7 @@ def test_hf_streaming_sources(rp_small: Path, tmp_path: Path, monkeypatch: pytes
     ):
         for line in islice((rp_small / name).read_text(encoding="utf-8").splitlines(), 20):
             rows.append({"text": json.loads(line)["text"], "meta": {"redpajama_set_name": set_name}})
-    _write_jsonl(slim, rows)
+    write_jsonl(slim, rows)
     calls = []
     real = datasets.load_dataset
 

@@ -14,24 +14,15 @@ import pytest
 from lit_selfimprove.datamodules.problem_sources import load_problems, split_problems
 from lit_selfimprove.datamodules.problems import ProblemDataModule, collate_problems
 from lit_selfimprove.rewards import extract_boxed as _last_boxed  # the one boxed-answer parser
+from tests.helpers import MATH500, REPO, SHARED_DATA, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-MATH500 = DATA / "math500" / "test.jsonl"
-HARP_ZIP = DATA / "harp" / "HARP.jsonl.zip"
-OLYMPIAD = DATA / "olympiadbench" / "test.jsonl"
+HARP_ZIP = SHARED_DATA / "harp" / "HARP.jsonl.zip"
+OLYMPIAD = SHARED_DATA / "olympiadbench" / "test.jsonl"
 
 
 def _need(path: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"shared data file missing: {path} (expected shared/ as a sibling of the repo root)")
-    return path
-
-
-def _write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
-    )
     return path
 
 
@@ -62,7 +53,7 @@ def test_math500_real_file():
 def test_math500_boxed_answers_match_answer_field(tmp_path, capsys):
     path = _need(MATH500)
     raw = _raw_lines(path)
-    stripped = _write_jsonl(
+    stripped = write_jsonl(
         tmp_path / "math500_noanswer.jsonl", [{k: v for k, v in r.items() if k != "answer"} for r in raw]
     )
     records, skipped = load_problems(str(stripped))  # auto: problem + solution -> math
@@ -77,7 +68,7 @@ def test_math500_boxed_answers_match_answer_field(tmp_path, capsys):
         {"problem": "p", "solution": "so $\\boxed{\\frac{1}{2}}$", "answer": ""},
         {"problem": "q", "solution": "\\boxed{7}"},
     ]
-    recs, _ = load_problems(str(_write_jsonl(tmp_path / "tiny.jsonl", rows)), format="math")
+    recs, _ = load_problems(str(write_jsonl(tmp_path / "tiny.jsonl", rows)), format="math")
     assert recs == [
         {"id": "tiny-1", "question": "p", "answer": "\\frac{1}{2}"},
         {"id": "tiny-2", "question": "q", "answer": "7"},
@@ -114,7 +105,7 @@ def test_harp_zip_real_file(tmp_path):
     assert not [r["answer"] for r in records if r["answer"].startswith("$") or r["answer"].endswith("$")]
     assert sum(r["answer"] == a["answer"].strip("$") for r, a in zip(records, raw)) > 4700
     # the unzipped jsonl is auto-detected as HARP too
-    unzipped = _write_jsonl(tmp_path / "HARD-Math.jsonl", raw[:50])
+    unzipped = write_jsonl(tmp_path / "HARD-Math.jsonl", raw[:50])
     again, _ = load_problems(str(unzipped))
     assert again == records[:50]
 
@@ -132,7 +123,7 @@ def test_olympiadbench_real_file(tmp_path):
     assert not [r["answer"] for r in records if "$" in r["answer"]]
     # several answers are joined with ", "; a context is prepended to the question
     row = {"id": 9, "question": "Q?", "context": "Ctx.", "final_answer": ["$1$", "$\\frac{3}{2}$"]}
-    recs, _ = load_problems(str(_write_jsonl(tmp_path / "ob.jsonl", [row])))
+    recs, _ = load_problems(str(write_jsonl(tmp_path / "ob.jsonl", [row])))
     assert recs == [{"id": "9", "question": "Ctx.\n\nQ?", "answer": "1, \\frac{3}{2}"}]
 
 
@@ -141,7 +132,7 @@ def test_generic_jsonl_custom_fields(tmp_path):
         {"uid": "a", "prompt": "What is 1+1?", "target": 2},
         {"uid": "b", "prompt": "What is 2+2?", "target": "4"},
     ]
-    path = _write_jsonl(tmp_path / "custom.jsonl", rows)
+    path = write_jsonl(tmp_path / "custom.jsonl", rows)
     records, skipped = load_problems(
         str(path), format="jsonl", question_field="prompt", answer_field="target", id_field="uid"
     )
@@ -159,7 +150,7 @@ def test_generic_jsonl_custom_fields(tmp_path):
 
 def test_failk_hardset_file_is_generic_jsonl(tmp_path):
     rows = [{"id": f"p{i}", "question": f"q{i}", "answer": str(i)} for i in range(4)]
-    path = _write_jsonl(tmp_path / "hard.jsonl", rows)
+    path = write_jsonl(tmp_path / "hard.jsonl", rows)
     for fmt in ("auto", "jsonl"):
         records, skipped = load_problems(str(path), format=fmt)
         assert (records, skipped) == (rows, 0)
@@ -258,7 +249,7 @@ def test_malformed_lines_raise_with_file_and_line(tmp_path):
         rows = (
             [good, ""] + [{"id": f"x{i}", "question": "q", "answer": "1"} for i in range(lineno - 3)] + [bad]
         )
-        path = _write_jsonl(tmp_path / f"bad{lineno}.jsonl", rows)
+        path = write_jsonl(tmp_path / f"bad{lineno}.jsonl", rows)
         with pytest.raises(ValueError, match=rf"bad{lineno}\.jsonl.* line {lineno}\b"):
             load_problems(str(path), format="jsonl")
 
@@ -271,7 +262,7 @@ def test_malformed_lines_raise_with_file_and_line(tmp_path):
         cases[6],
         cases[7],
     ]
-    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     records, skipped = load_problems(str(path), format="jsonl", skip_malformed=True)
     assert [r["id"] for r in records] == ["a", "e"]
     assert skipped == 5
@@ -298,7 +289,7 @@ def test_empty_sources_raise(tmp_path):
         load_problems(str(empty), format="jsonl")
     with pytest.raises(ValueError, match="empty.jsonl"):
         load_problems(str(empty))
-    allbad = _write_jsonl(tmp_path / "allbad.jsonl", ["{oops", {"question": "", "answer": "1"}])
+    allbad = write_jsonl(tmp_path / "allbad.jsonl", ["{oops", {"question": "", "answer": "1"}])
     with pytest.raises(ValueError, match=r"allbad\.jsonl.*2 malformed skipped"):
         load_problems(str(allbad), format="jsonl", skip_malformed=True)
 
@@ -386,8 +377,8 @@ def test_datamodule_end_to_end_math500():
 
 def test_datamodule_sources_and_errors(tmp_path):
     rows = [{"id": f"p{i}", "question": f"q{i}", "answer": str(i)} for i in range(10)]
-    train = _write_jsonl(tmp_path / "hard.train.jsonl", rows[:6])
-    test = _write_jsonl(tmp_path / "hard.test.jsonl", rows[6:])
+    train = write_jsonl(tmp_path / "hard.train.jsonl", rows[:6])
+    test = write_jsonl(tmp_path / "hard.test.jsonl", rows[6:])
 
     dm = ProblemDataModule(
         train_source=str(train), test_source=str(test), use_split=False, shuffle=False, batch_size=4
@@ -412,11 +403,11 @@ def test_datamodule_sources_and_errors(tmp_path):
     with pytest.raises(ValueError, match="empty.jsonl"):
         dm_empty.setup("fit")
 
-    single = _write_jsonl(tmp_path / "one.jsonl", rows[:1])
+    single = write_jsonl(tmp_path / "one.jsonl", rows[:1])
     with pytest.raises(ValueError, match="empty train or test set"):
         ProblemDataModule(train_source=str(single)).setup("fit")
 
-    bad = _write_jsonl(tmp_path / "bad.jsonl", rows[:3] + ["{broken"])
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + ["{broken"])
     with pytest.raises(ValueError, match=r"bad\.jsonl.*line 4"):
         ProblemDataModule(train_source=str(bad)).setup("fit")
     skipping = ProblemDataModule(train_source=str(bad), skip_malformed=True, test_fraction=1 / 3)
@@ -534,7 +525,7 @@ def test_located_records_name_their_file_and_line(tmp_path):
         "{not json",
         {"id": "b", "question": "q2", "answer": "2"},
     ]
-    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
     records, skipped, origins = load_located_problems(str(path), skip_malformed=True)
     assert [r["id"] for r in records] == ["a", "b"] and skipped == 1
     assert origins == [f"{path}:1", f"{path}:4"]
@@ -564,16 +555,16 @@ def test_levels_keep_only_those_math_levels_before_the_split(tmp_path):
     assert (dm.train_records, dm.test_records) == split_problems(easy, 0.5, seed=0)
     # MATH's own "Level 3" strings work too; limit counts kept records
     rows = [dict(r, level=f"Level {r['level']}") for r in raw[:40]]
-    records, _ = load_problems(str(_write_jsonl(tmp_path / "math.jsonl", rows)), levels=[3], limit=2)
+    records, _ = load_problems(str(write_jsonl(tmp_path / "math.jsonl", rows)), levels=[3], limit=2)
     assert [r["id"] for r in records] == [r["unique_id"] for r in raw[:40] if r["level"] == 3][:2]
 
 
 def test_levels_errors_name_the_problem(tmp_path):
     rows = [{"id": f"p{i}", "question": f"q{i}", "answer": str(i)} for i in range(4)]
-    plain = _write_jsonl(tmp_path / "plain.jsonl", rows)
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
     with pytest.raises(ValueError, match=r"plain\.jsonl:1.*no 'level' field"):
         ProblemDataModule(train_source=str(plain), levels=[1]).setup("fit")
-    rated = _write_jsonl(tmp_path / "rated.jsonl", [dict(r, level=5) for r in rows])
+    rated = write_jsonl(tmp_path / "rated.jsonl", [dict(r, level=5) for r in rows])
     with pytest.raises(ValueError, match=r"none has a level in \[1, 2\] \(levels in the source: 5\)"):
         ProblemDataModule(train_source=str(rated), levels=[1, 2]).setup("fit")
     for bad in ([], ["1"]):

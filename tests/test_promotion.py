@@ -14,46 +14,22 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
-from test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, clone_state, make_module, same_state
 
 from lit_selfimprove.callbacks import Promotion, RunDirectory
 from lit_selfimprove.modules import TeacherMetaRL
 from lit_selfimprove.modules.soar_outer import OuterStep
 from lit_selfimprove.rl.promotion import PromotionRule
-
-TESTS = Path(__file__).resolve().parent
-
-
-def fit(
-    module,
-    root: Path,
-    callbacks,
-    max_steps: int = 1,
-    ckpt_path=None,
-    checkpointing: bool = False,
-    version=None,
-):
-    """``trainer.fit`` on a tiny arithmetic DataModule, a CSVLogger in ``root/run``, no validation."""
-    from lit_selfimprove.datamodules import ArithmeticProblemDataModule
-
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=L.pytorch.loggers.CSVLogger(root, name="run", version=version),
-        callbacks=callbacks,
-        enable_checkpointing=checkpointing,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-    )
-    data = ArithmeticProblemDataModule(levels=[1], num_train=16, num_test=4, batch_size=4)
-    trainer.fit(module, data, ckpt_path=ckpt_path)
-    return trainer
+from tests.helpers import (
+    REPO,
+    ScriptedTeacher,
+    arithmetic_pairs,
+    clone_state,
+    fit_soar,
+    same_state,
+    tiny_soar,
+)
 
 
 # ------------------------------------------------------------------------ stand-ins
@@ -79,9 +55,9 @@ class FakeModule:
     promote = TeacherMetaRL.promote
     promotes = True
 
-    def __init__(self, student, tokenizer=None):
+    def __init__(self, student, tokenizer=None, rule: PromotionRule | None = None):
         self.student, self.student_tokenizer, self.last_outer, self.logged = student, tokenizer, None, []
-        self.promotion_rule, self.promotions = PromotionRule(), []
+        self.promotion_rule, self.promotions = rule or PromotionRule(), []
 
     def median_student(self, k):
         return self.last_outer.median_students[k]
@@ -113,7 +89,7 @@ def outer(module: FakeModule, step: int, rewards: list[float], states=None) -> N
 
 
 def drive(cb: Promotion, module: FakeModule, trainer, step: int, rewards: list[float], states=None) -> bool:
-    cb.bind(module)  # the callback's tau / window configure the module's rule
+    cb.setup(trainer, module, "fit")  # the callback reads the module's rule and promotions
     before = cb.count
     outer(module, step, rewards, states)
     cb.on_train_batch_end(trainer, module, None, None, step)
@@ -122,10 +98,9 @@ def drive(cb: Promotion, module: FakeModule, trainer, step: int, rewards: list[f
 
 # ------------------------------------------------------------------------ the rule
 def test_moving_average_rule_by_hand(tmp_path):
-    cb = Promotion(
-        tau=0.25, window=3, save_students=False, reset_after_promotion=False, require_improvement=False
-    )
-    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
+    cb = Promotion(save_students=False)
+    rule = PromotionRule(tau=0.25, window=3, reset_after_promotion=False, require_improvement=False)
+    module, trainer = FakeModule(torch.nn.Linear(2, 2), rule=rule), fake_trainer(tmp_path)
     # Rbar = mean_k R_k: 0.5, 0.5 (window not full: no promotion even above tau)
     assert not drive(cb, module, trainer, 0, [0.25, 0.75])
     assert not drive(cb, module, trainer, 1, [0.75, 0.25])
@@ -159,9 +134,10 @@ def test_moving_average_rule_by_hand(tmp_path):
 def test_promotions_do_not_cascade(tmp_path):
     """Rbar = [0, .02, .03, .03, -.02], tau .01, window 3: one promotion (the old rule made three,
     the last with Rbar = -0.02, measured against the new baseline)."""
-    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
+    rule = PromotionRule(tau=0.01, window=3)
+    module, trainer = FakeModule(torch.nn.Linear(2, 2), rule=rule), fake_trainer(tmp_path)
     rbar = [0.0, 0.02, 0.03, 0.03, -0.02]
-    cb = Promotion(tau=0.01, window=3, save_students=False)
+    cb = Promotion(save_students=False)
     assert [drive(cb, module, trainer, s, [r, r]) for s, r in enumerate(rbar)] == [
         False,
         False,
@@ -169,9 +145,8 @@ def test_promotions_do_not_cascade(tmp_path):
         False,
         False,
     ]
-    old = Promotion(
-        tau=0.01, window=3, save_students=False, reset_after_promotion=False, require_improvement=False
-    )
+    old, old_rule = Promotion(save_students=False), PromotionRule(0.01, 3, False, False)  # no reset, no check
+    module = FakeModule(torch.nn.Linear(2, 2), rule=old_rule)
     assert [drive(old, module, trainer, s, [r, r]) for s, r in enumerate(rbar)] == [
         False,
         False,
@@ -183,8 +158,9 @@ def test_promotions_do_not_cascade(tmp_path):
 
 def test_no_promotion_without_a_student_that_beat_the_baseline(tmp_path):
     """A full window above tau from earlier steps does not promote a step whose best R_k <= 0."""
-    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
-    cb = Promotion(tau=0.01, window=3, save_students=False, reset_after_promotion=False)
+    rule = PromotionRule(tau=0.01, window=3, reset_after_promotion=False)
+    module, trainer = FakeModule(torch.nn.Linear(2, 2), rule=rule), fake_trainer(tmp_path)
+    cb = Promotion(save_students=False)
     steps = [[0.06, 0.06], [0.05, 0.04], [-0.01, 0.0], [0.0, -0.02]]  # moving avg 0.03, then 0.0167
     assert [drive(cb, module, trainer, s, r) for s, r in enumerate(steps)] == [False] * 4
     assert cb.moving_average() == pytest.approx((0.045 - 0.005 - 0.01) / 3)
@@ -193,12 +169,12 @@ def test_no_promotion_without_a_student_that_beat_the_baseline(tmp_path):
 
 
 def test_reset_after_promotion_needs_a_full_window_again(tmp_path):
-    cb = Promotion(tau=0.0, window=2, reset_after_promotion=True, save_students=False)
-    module, trainer = FakeModule(torch.nn.Linear(2, 2)), fake_trainer(tmp_path)
+    cb, rule = Promotion(save_students=False), PromotionRule(tau=0.0, window=2, reset_after_promotion=True)
+    module, trainer = FakeModule(torch.nn.Linear(2, 2), rule=rule), fake_trainer(tmp_path)
     assert [drive(cb, module, trainer, s, [1.0, 2.0]) for s in range(5)] == [False, True, False, True, False]
     assert cb.history == [1.5]
-    cb = Promotion(tau=0.0, window=2, reset_after_promotion=False, save_students=False)
-    module = FakeModule(torch.nn.Linear(2, 2))
+    cb, rule = Promotion(save_students=False), PromotionRule(tau=0.0, window=2, reset_after_promotion=False)
+    module = FakeModule(torch.nn.Linear(2, 2), rule=rule)
     assert [drive(cb, module, trainer, s, [1.0, 2.0]) for s in range(5)] == [False, True, True, True, True]
 
 
@@ -208,10 +184,10 @@ def test_pq_file_and_saved_student(tiny_random_lm, tmp_path):
     from lit_selfimprove.modeling import load_tokenizer
 
     student = AutoModelForCausalLM.from_pretrained(tiny_random_lm)
-    module = FakeModule(student, load_tokenizer(tiny_random_lm))
+    module = FakeModule(student, load_tokenizer(tiny_random_lm), rule=PromotionRule(tau=0.0, window=1))
     base = clone_state(student)
     states = [{k: v + 0.01 * (k_ + 1) for k, v in base.items()} for k_ in range(3)]
-    cb = Promotion(tau=0.0, window=1)
+    cb = Promotion()
     trainer = fake_trainer(tmp_path)
     assert drive(cb, module, trainer, 7, [0.1, 0.3, 0.2], states)
     assert same_state(states[1], student.state_dict())
@@ -246,7 +222,7 @@ def test_a_full_disk_during_a_promotion_leaves_no_partial_student(tiny_random_lm
     from lit_selfimprove.modeling import load_tokenizer
 
     student = AutoModelForCausalLM.from_pretrained(tiny_random_lm)
-    module = FakeModule(student, load_tokenizer(tiny_random_lm))
+    module = FakeModule(student, load_tokenizer(tiny_random_lm), rule=PromotionRule(tau=0.0, window=1))
     states = [clone_state(student)] * 2
 
     def disk_full(folder, **kwargs):
@@ -255,28 +231,28 @@ def test_a_full_disk_during_a_promotion_leaves_no_partial_student(tiny_random_lm
         raise OSError(28, "No space left on device")
 
     student.save_pretrained = disk_full
-    cb = Promotion(tau=0.0, window=1)
+    cb = Promotion()
     with pytest.raises(OSError, match="No space"):
         drive(cb, module, fake_trainer(tmp_path), 3, [0.1, 0.3], states)
     assert not (tmp_path / "students" / "promotion_0_step_3").exists()  # nothing under the final name
     # a resume from the checkpoint before removes the leftover
-    cb = Promotion(tau=0.0, window=1)
+    cb = Promotion()
     cb.load_state_dict({"history": [], "promotions": [], "pq_lines": 0, "last_step": 2})
     cb._drop_unrecorded(tmp_path)
     assert list((tmp_path / "students").iterdir()) == []
 
 
 def test_only_rank_zero_writes_but_every_rank_installs(tmp_path):
-    cb = Promotion(tau=0.0, window=1)
-    module = FakeModule(torch.nn.Linear(2, 2))
+    cb = Promotion()
+    module = FakeModule(torch.nn.Linear(2, 2), rule=PromotionRule(tau=0.0, window=1))
     assert drive(cb, module, fake_trainer(tmp_path, rank_zero=False), 0, [0.0, 1.0])
     assert torch.equal(module.student.weight, torch.full((2, 2), 1.0))
     assert not any(tmp_path.iterdir()) and cb.pq_lines == 2
 
 
 def test_missing_trained_students_is_a_clear_error(tmp_path):
-    cb = Promotion(tau=0.0, window=1)
-    module = FakeModule(torch.nn.Linear(2, 2))
+    cb = Promotion()
+    module = FakeModule(torch.nn.Linear(2, 2), rule=PromotionRule(tau=0.0, window=1))
     with pytest.raises(RuntimeError, match="keep_median_students"):
         drive(cb, module, fake_trainer(tmp_path), 0, [0.0, 1.0], [None, None])
 
@@ -285,10 +261,10 @@ def test_missing_trained_students_is_a_clear_error(tmp_path):
 def test_end_message_cites_tau_only_when_promotions_ran(tmp_path, monkeypatch, promotes):
     said = []
     monkeypatch.setattr("lit_selfimprove.callbacks.promotion.rank_zero_info", said.append)
-    cb, module = Promotion(tau=0.5, window=1), FakeModule(torch.nn.Linear(2, 2))
+    cb, module = Promotion(), FakeModule(torch.nn.Linear(2, 2), rule=PromotionRule(tau=0.5, window=1))
     module.promotes = promotes
-    cb.bind(module)
-    said.clear()  # what bind said about the callback's tau and window
+    cb.setup(None, module, "fit")
+    said.clear()  # only the end message counts
     cb.on_train_end(fake_trainer(tmp_path), module)
     assert len(said) == 1 and said[0].startswith("SOAR: no promotion")
     assert ("tau=0.5" in said[0]) == promotes
@@ -298,8 +274,8 @@ def test_end_message_cites_tau_only_when_promotions_ran(tmp_path, monkeypatch, p
 # ------------------------------------------------------------------------ checkpoint state
 def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     trainer = fake_trainer(tmp_path)
-    cb = Promotion(tau=0.0, window=1, save_students=False)
-    module = FakeModule(torch.nn.Linear(2, 2))
+    cb = Promotion(save_students=False)
+    module = FakeModule(torch.nn.Linear(2, 2), rule=PromotionRule(tau=0.0, window=1))
     drive(cb, module, trainer, 0, [-1.0, -2.0])
     drive(cb, module, trainer, 1, [1.0, 2.0])
     state = cb.state_dict()
@@ -318,10 +294,10 @@ def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
     (tmp_path / "students" / "promotion_1_step_2").mkdir(parents=True)
     (tmp_path / "students" / "promotion_0_step_1").mkdir(parents=True)
     assert len(open(tmp_path / "promotion_questions.jsonl").readlines()) == 4
-    resumed = Promotion(tau=0.0, window=1, save_students=False)
+    resumed = Promotion(save_students=False)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives serialisation
     TeacherMetaRL.on_load_checkpoint(module, module_state)
-    resumed.bind(module)
+    resumed.setup(trainer, module, "fit")
     assert resumed.state_dict() == state and resumed.count == 1
     resumed.on_train_start(trainer, module)
     lines = [json.loads(line) for line in open(tmp_path / "promotion_questions.jsonl")]
@@ -339,21 +315,22 @@ def test_state_round_trip_and_pq_truncation_on_resume(tmp_path):
 
 # ------------------------------------------------------------------------ a real outer step
 def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_random_lm, tmp_path):
-    module = make_module(tiny_random_lm)
+    always = {"tau": -2.0, "window": 1, "require_improvement": False}  # R_k >= -1: always promote
+    module = tiny_soar(tiny_random_lm, promotion=always)
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     baseline = clone_state(module.student)
-    cb = Promotion(tau=-2.0, window=1, require_improvement=False)  # R_k >= -1: always promote
-    trainer = fit(module, tmp_path, callbacks=[cb])
+    cb = Promotion()
+    trainer = fit_soar(module, tmp_path, callbacks=[cb])
     last = module.last_outer
-    k_star = last["rewards"].index(max(last["rewards"]))
+    k_star = last.rewards.index(max(last.rewards))
     promoted = clone_state(module.student)
-    assert same_state(promoted, last["median_students"][k_star])
+    assert same_state(promoted, last.median_students[k_star])
     assert not same_state(baseline, promoted)
     log_dir = Path(trainer.log_dir)
     rows = [json.loads(line) for line in open(log_dir / "promotion_questions.jsonl")]
     assert [(r["question"], r["answer"]) for r in rows] == [
-        (p["question"], p["answer"]) for p in last["datasets"][k_star]
+        (p["question"], p["answer"]) for p in last.datasets[k_star]
     ]
     assert all(r["step"] == 0 and r["promotion"] == 0 and r["dataset"] == k_star for r in rows)
     assert (log_dir / "students" / "promotion_0_step_0" / "config.json").exists()
@@ -362,7 +339,7 @@ def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_rando
     assert logged == {
         "promotion/count": 1.0,
         "promotion/event": 1.0,
-        "promotion/moving_avg": last["rewards"][0] / 2 + last["rewards"][1] / 2,
+        "promotion/moving_avg": last.rewards[0] / 2 + last.rewards[1] / 2,
     }
     # the checkpoint holds the promoted student (a registered submodule) and the callback state
     ckpt = tmp_path / "step0.ckpt"
@@ -371,12 +348,12 @@ def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_rando
     assert any("Promotion" in key for key in saved["callbacks"])
     assert torch.equal(saved["state_dict"]["student.lm_head.weight"], promoted["lm_head.weight"])
     # resume for one more outer step without promotion: the baseline is the promoted student
-    module2 = make_module(tiny_random_lm)
+    module2 = tiny_soar(tiny_random_lm, promotion={"tau": 1e9, "window": 1})
     module2.configure_model()
     module2.sample_teacher_round = ScriptedTeacher(module2, arithmetic_pairs(8, "123"))
-    cb2 = Promotion(tau=1e9, window=1)
-    fit(module2, tmp_path, [cb2], max_steps=2, ckpt_path=str(ckpt), version=0)  # the same log dir
-    assert module2.last_outer["step"] == 1
+    cb2 = Promotion()
+    fit_soar(module2, tmp_path, callbacks=[cb2], steps=2, ckpt_path=str(ckpt), version=0)  # the same log dir
+    assert module2.last_outer.step == 1
     assert same_state(promoted, module2.student.state_dict())
     assert cb2.count == 1 and cb2.pq_lines == 4 and len(cb2.history) == 1  # reset by the promotion
     assert len(open(log_dir / "promotion_questions.jsonl").readlines()) == 4  # nothing lost or duplicated
@@ -386,37 +363,36 @@ def test_teacher_meta_rl_promotes_the_best_median_student_and_resumes(tiny_rando
 RUN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {repo!r})
     import lightning as L
-    from test_teacher_meta_rl import ScriptedTeacher, arithmetic_pairs, make_module
-    from test_promotion import fit
+    from tests.helpers import ScriptedTeacher, arithmetic_pairs, fit_soar, tiny_soar
     from lit_selfimprove.callbacks import Promotion
 
     root, max_steps, kill_at, ckpt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
     class Killer(L.Callback):  # after Promotion wrote its files, before the step's checkpoint
         def on_train_batch_end(self, trainer, pl_module, *args):
-            if pl_module.last_outer["step"] == kill_at:
+            if pl_module.last_outer.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     L.seed_everything(0)
-    module = make_module({lm!r})
+    module = tiny_soar({lm!r}, promotion={{"tau": -2.0, "window": 1, "require_improvement": False}})
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     callbacks = [
-        Promotion(tau=-2.0, window=1, save_students=False, require_improvement=False),
+        Promotion(save_students=False),
         Killer(),
         L.pytorch.callbacks.ModelCheckpoint(dirpath=root + "/ckpt", every_n_train_steps=1, save_last=True),
     ]
-    fit(module, __import__("pathlib").Path(root), callbacks, max_steps=max_steps, checkpointing=True,
-        ckpt_path=None if ckpt == "none" else ckpt, version=0)
+    fit_soar(module, __import__("pathlib").Path(root), callbacks=callbacks, steps=max_steps,
+             enable_checkpointing=True, ckpt_path=None if ckpt == "none" else ckpt, version=0)
     """
 )
 
 
 def test_sigkill_after_a_promotion_then_resume(tiny_random_lm, tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(RUN_SCRIPT.format(tests=str(TESTS), lm=tiny_random_lm))
+    script.write_text(RUN_SCRIPT.format(repo=str(REPO), lm=tiny_random_lm))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*args):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 
@@ -18,9 +17,8 @@ from lit_selfimprove.datamodules.prompt_length import (
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
-from tests.conftest import needs_assets
+from tests.helpers import PROMPT, fit_soar, needs_assets, tiny_soar, tiny_trainer
 
-PROMPT = "Q: {question}\nA: "
 LONG = "1+" * 1500 + "1"  # a 3,001-character question
 
 
@@ -111,11 +109,8 @@ def _fit(path, reward, **dm_kw):
         "builtin:tiny-student", reward=reward, prompt_template=PROMPT,
         rl=RLVRConfig(group_size=2, max_new_tokens=8), val_num_samples=0, log_samples_every=0,
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, ProblemDataModule(train_source=str(path), use_split=False, batch_size=3, **dm_kw))
+    data = ProblemDataModule(train_source=str(path), use_split=False, batch_size=3, **dm_kw)
+    tiny_trainer(2).fit(module, data)
     assert max_positions(module.policy) == 256
 
 
@@ -138,10 +133,8 @@ def test_student_rlvr_fit_with_skip_never_trains_on_the_long_problem(problems):
 def test_teacher_meta_rl_fit_fails_before_the_first_outer_step_on_a_too_long_q_r_problem(
     problems, tiny_random_lm, tmp_path
 ):
-    from tests.test_teacher_meta_rl import fit, make_module
-
-    module = make_module(tiny_random_lm)
+    module = tiny_soar(tiny_random_lm)
     module.sample_teacher_round = lambda n: pytest.fail("the teacher sampled before the check")
     data = ProblemDataModule(train_source=str(problems), use_split=False, batch_size=2)
     with pytest.raises(ValueError, match=rf"{problems}:4: the prompt is \d+ tokens"):
-        fit(module, tmp_path, data)
+        fit_soar(module, tmp_path, data)

@@ -17,9 +17,8 @@ import pytest
 import yaml
 
 from lit_selfimprove.judges.prompts import parse_pairwise
-from tests.helpers import require_smol
+from tests.helpers import REPO, require_smol
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 
 import smol_judge_grpo  # noqa: E402

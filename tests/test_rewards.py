@@ -8,15 +8,12 @@ import os
 import pickle
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from lit_selfimprove.rewards import MathVerifyReward, extract_boxed, strip_answer
-
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MATH500 = DATA_DIR / "math500" / "test.jsonl"
+from tests.helpers import MATH500, SHARED_DATA
 
 TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"
 
@@ -304,7 +301,7 @@ def test_warm_call_is_fast(binary):
 
 
 # -- real data ----------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"shared data folder {DATA_DIR} not found")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} not found")
 def test_math500_reference_solutions_are_accepted(binary):
     records = [json.loads(line) for line in MATH500.read_text().splitlines() if line.strip()]
     assert len(records) == 500

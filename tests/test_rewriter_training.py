@@ -14,7 +14,7 @@ from lit_selfimprove.datamodules import RewriterExamplesDataModule
 from lit_selfimprove.datamodules.tiny_judge_labels import TINY_CORPUS, TINY_REWRITER_TEMPLATE, tiny_chunks
 from lit_selfimprove.judges import HFChatBackend, LLMRewriter
 from lit_selfimprove.rewards import RewriteReward, rewrite_answer
-from tests.conftest import REPO
+from tests.helpers import REPO, FixedAnswerBackend
 
 
 class StubPointwise:
@@ -35,16 +35,6 @@ class StubPairwise:
     def compare(self, prefixes, firsts, seconds):
         self.calls.append((list(prefixes), list(firsts), list(seconds)))
         return [self.verdict] * len(firsts)
-
-
-class RecordingBackend:
-    def __init__(self, answer: str):
-        self.prompts: list[str] = []
-        self.answer = answer
-
-    def complete(self, prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=256):
-        self.prompts += prompts
-        return [[self.answer] * n for _ in prompts]
 
 
 PREFIX = "Ana lives in Ovra. Ana is a baker. Ana"
@@ -113,7 +103,7 @@ def test_datamodule_renders_llm_rewriter_prompt(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = RewriterExamplesDataModule(path=str(path), val_fraction=0.0, max_prefix_chars=20)
     dm.setup()
-    backend = RecordingBackend("copied")
+    backend = FixedAnswerBackend("copied")
     LLMRewriter(backend, max_prefix_chars=20).rewrite(
         [r["prefix"] for r in rows], [r["suffix"] for r in rows]
     )

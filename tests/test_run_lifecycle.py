@@ -31,7 +31,6 @@ trainer:
   limit_val_batches: 0
   callbacks:
     - class_path: lit_selfimprove.callbacks.Promotion
-      init_args: {{tau: -1.0, window: 1, require_improvement: false}}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{every_n_train_steps: 1, save_last: true, save_top_k: 0}}
     - class_path: _kill_at.KillAt
@@ -43,7 +42,8 @@ model:
     num_datasets: 2
     dataset_size: 4
     num_repeats: 1
-    teacher_max_new_tokens: 120
+    teacher_sampling: {{max_new_tokens: 120}}
+    promotion: {{tau: -1.0, window: 1, require_improvement: false}}
     inner:
       steps: 1
       batch: 2

@@ -12,7 +12,7 @@ from lit_selfimprove.cli import main as cli_main
 from lit_selfimprove.datamodules.arithmetic import TINY_TEACHER_PROMPT
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.sample_questions import load_teacher
-from tests.conftest import needs_assets
+from tests.helpers import needs_assets
 
 
 @needs_assets("tiny-teacher")

@@ -17,19 +17,8 @@ from lit_selfimprove.generation import sampler as sampler_mod
 from lit_selfimprove.generation.backend import make_backend
 from lit_selfimprove.generation.llama_decode import LlamaDecoder
 from lit_selfimprove.generation.sampler import kv_bytes_per_token
-from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 
 PROMPTS = [f"Q: {1234 + i * 97}+{56 + i * 13 * i}\nA: " for i in range(5)]  # different lengths: padding
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("builtin:tiny-tokenizer")
-
-
-@pytest.fixture(scope="module")
-def student():
-    return load_causal_lm("builtin:tiny-student").eval()
 
 
 def _tiny_llama() -> LlamaForCausalLM:

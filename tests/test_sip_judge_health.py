@@ -12,18 +12,28 @@ import warnings
 import pytest
 
 from lit_selfimprove.judges import CombinedJudge, LLMFactualityJudge, LLMPairwiseJudge
+from lit_selfimprove.modules.sip_settings import (
+    CandidateConfig,
+    JudgeHealthConfig,
+    ObjectiveConfig,
+    OptimConfig,
+)
 from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO
-from tests._dist_sip_script import ToyPrefixSuffixData, toy_documents
-from tests.test_judge_endpoint import backend_for, serve  # noqa: F401  (a real local HTTP server)
-from tests.test_judges import ScriptedBackend
-from tests.test_suffix_policy_dpo import _metrics, _trainer
+from tests.helpers import (
+    ScriptedBackend,
+    ToyPrefixSuffixData,
+    backend_for,
+    csv_metrics,
+    tiny_trainer,
+    toy_documents,
+)
 
 TURTLES = "I like turtles."
 
 
 def _fit(module: SuffixPolicyDPO, tmp_path, steps: int, caught: list[str]):
     """Fit ``steps`` steps; the module's judge warnings are appended to ``caught`` (also on an error)."""
-    trainer = _trainer(tmp_path, steps)
+    trainer = tiny_trainer(steps, tmp_path, logger=True)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         try:
@@ -33,11 +43,16 @@ def _fit(module: SuffixPolicyDPO, tmp_path, steps: int, caught: list[str]):
     return trainer
 
 
-def test_unparseable_judge_over_http_warns_then_stops(tiny_random_lm, tmp_path, serve):  # noqa: F811
+def test_unparseable_judge_over_http_warns_then_stops(tiny_random_lm, tmp_path, serve):
     server = serve(lambda body, index: (200, [TURTLES] * body.get("n", 1)))
     judge = CombinedJudge(quality=LLMPairwiseJudge(backend_for(server)))
     module = SuffixPolicyDPO(
-        tiny_random_lm, judge=judge, num_rollouts=2, warmup_steps=0, log_samples_every=0, fail_after_steps=3
+        tiny_random_lm,
+        judge=judge,
+        candidates=CandidateConfig(num_rollouts=2),
+        optim=OptimConfig(warmup_steps=0),
+        log_samples_every=0,
+        judge_health=JudgeHealthConfig(fail_after_steps=3),
     )
     caught: list[str] = []
     with pytest.raises(RuntimeError) as info:
@@ -58,17 +73,17 @@ def test_unparseable_judge_warns_without_stopping_when_disabled(tiny_random_lm, 
     module = SuffixPolicyDPO(
         tiny_random_lm,
         judge=judge,
-        num_rollouts=2,
-        loss="rf_nll",
-        warmup_steps=0,
+        candidates=CandidateConfig(num_rollouts=2),
+        objective=ObjectiveConfig(loss="rf_nll"),
+        optim=OptimConfig(warmup_steps=0),
         log_samples_every=0,
-        fail_after_steps=None,
+        judge_health=JudgeHealthConfig(fail_after_steps=None),
     )
     caught: list[str] = []
     trainer = _fit(module, tmp_path, 4, caught)
     assert trainer.global_step == 4
     assert len(caught) == 1 and "LLMFactualityJudge" in caught[0] and "NO HALLUCINATION" in caught[0]
-    assert _metrics(trainer)["select/skipped"] == [2.0] * 4
+    assert csv_metrics(trainer)["select/skipped"] == [2.0] * 4
 
 
 def test_healthy_judge_does_not_warn(tiny_random_lm, tmp_path):
@@ -81,11 +96,10 @@ def test_healthy_judge_does_not_warn(tiny_random_lm, tmp_path):
     module = SuffixPolicyDPO(
         tiny_random_lm,
         judge=judge,
-        num_rollouts=3,
-        warmup_steps=0,
+        candidates=CandidateConfig(num_rollouts=3),
+        optim=OptimConfig(warmup_steps=0),
         log_samples_every=0,
-        max_skipped_frac=0.6,
-        fail_after_steps=1,
+        judge_health=JudgeHealthConfig(max_skipped_frac=0.6, fail_after_steps=1),
     )
     caught: list[str] = []
     trainer = _fit(module, tmp_path, 3, caught)
@@ -116,14 +130,14 @@ def test_parse_rate_is_logged_every_step_and_equals_the_share_of_parsed_replies(
     module = SuffixPolicyDPO(
         tiny_random_lm,
         judge=judge,
-        num_rollouts=2,
-        warmup_steps=0,
+        candidates=CandidateConfig(num_rollouts=2),
+        optim=OptimConfig(warmup_steps=0),
         log_samples_every=0,
-        fail_after_steps=None,
+        judge_health=JudgeHealthConfig(fail_after_steps=None),
     )
     caught: list[str] = []
     trainer = _fit(module, tmp_path, 3, caught)
-    metrics = _metrics(trainer)
+    metrics = csv_metrics(trainer)
     assert len(pairwise.replies) == len(facts.replies) == 3  # one call per judge and step
     expected, expected_q, expected_f = [], [], []
     for q, f in zip(pairwise.replies, facts.replies):

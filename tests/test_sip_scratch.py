@@ -19,7 +19,7 @@ from lit_selfimprove.judges import KBSafetyJudge
 from lit_selfimprove.modeling import load_causal_lm
 from lit_selfimprove.modules import SuffixPolicyDPO
 from lit_selfimprove.modules._shared import scratch_model
-from tests.conftest import REPO, needs_assets
+from tests.helpers import REPO, needs_assets
 
 PAPER = REPO / "configs" / "paper"
 TINY = REPO / "configs" / "tiny" / "sip_dpo_scratch.yaml"
@@ -37,8 +37,10 @@ def test_paper_scratch_config_has_the_papers_numbers(capsys):
     trainer, model = scratch["trainer"], scratch["model"]["init_args"]
     # METHODS.md section 2: from scratch, 21,000 steps, lr 5e-4, 2,000 warmup, 1 rollout
     assert trainer["max_steps"] == 21000
-    assert (model["lr"], model["warmup_steps"], model["num_rollouts"]) == (5e-4, 2000, 1)
-    assert model["from_scratch"] is True and model["loss"] == "dpo" and model["include_suffix"]
+    optim, candidates = model["optim"], model["candidates"]
+    assert (optim["lr"], optim["warmup_steps"], candidates["num_rollouts"]) == (5e-4, 2000, 1)
+    assert model["from_scratch"] is True and candidates["include_suffix"]
+    assert model["objective"]["loss"] == "dpo"
     # same judge, data, model architecture and hardware as the continual setting
     assert model["judge"] == continual["model"]["init_args"]["judge"]
     assert scratch["data"] == continual["data"]
@@ -98,7 +100,9 @@ def test_tiny_scratch_config_trains_one_rollout_and_the_suffix(tmp_path, monkeyp
     )
     module = cli.model
     hp = module.hparams
-    assert hp.from_scratch and hp.num_rollouts == 1 and hp.include_suffix and hp.loss == "dpo"
+    candidates = module.candidates
+    assert hp.from_scratch and candidates.num_rollouts == 1 and candidates.include_suffix
+    assert module.objective.loss == "dpo"
     assert module.sources == ["rollout", "suffix"]
     assert cli.trainer.global_step == steps
     # the DPO reference is the random initial policy: seed_everything(0) drew it
@@ -130,7 +134,7 @@ def test_scratch_reference_is_the_same_after_a_resume_under_another_seed(tiny_ra
     from the seed the checkpoint keeps, and the policy comes from the checkpoint."""
     import lightning as L
 
-    from tests._dist_sip_script import ScriptedJudge, ToyPrefixSuffixData, toy_documents, vowel_share
+    from tests.helpers import ScriptedJudge, ToyPrefixSuffixData, tiny_trainer, toy_documents, vowel_share
 
     def run(steps: int, ckpt=None) -> tuple[SuffixPolicyDPO, L.Trainer]:
         judge = ScriptedJudge(lambda p, c, r: [vowel_share(x) for x in c])
@@ -138,21 +142,11 @@ def test_scratch_reference_is_the_same_after_a_resume_under_another_seed(tiny_ra
             tiny_random_lm,
             judge=judge,
             from_scratch=True,
-            num_rollouts=2,
-            warmup_steps=0,
-            lr=1e-2,
+            candidates={"num_rollouts": 2},
+            optim={"warmup_steps": 0, "lr": 1e-2},
             log_samples_every=0,
         )
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            logger=False,
-            default_root_dir=tmp_path,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
+        trainer = tiny_trainer(steps, tmp_path)
         trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2), ckpt_path=ckpt)
         return module, trainer
 

@@ -23,7 +23,7 @@ from lit_selfimprove.cli import main
 from lit_selfimprove.datamodules import PrefixSuffixDataModule
 from lit_selfimprove.judges import CombinedJudge, KBFactualityJudge, KBQualityJudge, KBSafetyJudge
 from lit_selfimprove.modules import NextTokenLM, SuffixPolicyDPO
-from tests.conftest import REPO, needs_assets
+from tests.helpers import REPO, needs_assets
 
 TINY = REPO / "configs" / "tiny"
 SIP_CONFIGS = {
@@ -57,9 +57,9 @@ def test_tiny_sip_configs_build_with_one_budget(monkeypatch):
     dpo, rf, nt = clis["dpo"].model, clis["rf_nll"].model, clis["next_token"].model
     assert isinstance(dpo, SuffixPolicyDPO) and isinstance(rf, SuffixPolicyDPO)
     assert isinstance(nt, NextTokenLM)
-    assert (dpo.hparams.loss, rf.hparams.loss) == ("dpo", "rf_nll")
-    assert dpo.hparams.num_rollouts == rf.hparams.num_rollouts == 8
-    assert dpo.hparams.include_suffix and not dpo.hparams.include_rewrite
+    assert (dpo.objective.loss, rf.objective.loss) == ("dpo", "rf_nll")
+    assert dpo.candidates.num_rollouts == rf.candidates.num_rollouts == 8
+    assert dpo.candidates.include_suffix and not dpo.candidates.include_rewrite
     for module in (dpo, rf):
         judge = module.judge
         assert isinstance(judge, CombinedJudge) and judge.quality_mode == "all_pairs"
@@ -68,8 +68,8 @@ def test_tiny_sip_configs_build_with_one_budget(monkeypatch):
         assert judge.weights == {"quality": 1.0, "factuality": 1.0, "safety": 1.0}
     # same start, same stream and batches, same steps and lr schedule: a fair comparison
     assert dpo.hparams.model == rf.hparams.model == nt.hparams.model == "builtin:tiny-sip-policy"
-    assert dpo.hparams.lr == rf.hparams.lr == nt.hparams.lr
-    assert dpo.hparams.warmup_steps == nt.hparams.warmup_steps
+    assert dpo.optim.lr == rf.optim.lr == nt.hparams.lr
+    assert dpo.optim.warmup_steps == nt.hparams.warmup_steps
     datas = [c.datamodule for c in clis.values()]
     assert all(isinstance(d, PrefixSuffixDataModule) for d in datas)
     assert datas[0]._fingerprint == datas[1]._fingerprint == datas[2]._fingerprint
@@ -95,10 +95,11 @@ def test_paper_sip_configs_match_the_paper(config, capsys):
         128,
         2048,
     )
-    assert (model["lr"], model["warmup_steps"], model["min_lr_ratio"]) == (5e-6, 100, 0.1)
+    optim = model.get("optim", model)  # SuffixPolicyDPO's optim group, NextTokenLM's own arguments
+    assert (optim["lr"], optim["warmup_steps"], optim["min_lr_ratio"]) == (5e-6, 100, 0.1)
     if "dpo" in config:
         assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
-        assert model["num_rollouts"] == 16 and model["loss"] == "dpo"
+        assert model["candidates"]["num_rollouts"] == 16 and model["objective"]["loss"] == "dpo"
         judge = model["judge"]["init_args"]
         assert judge["quality_mode"] == "all_pairs"
         assert judge["safety"]["init_args"]["repeats"] == 5
@@ -123,8 +124,8 @@ def test_sip_dpo_few_steps_writes_selection_and_val_metrics(tmp_path, monkeypatc
             f"--trainer.val_check_interval={steps}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
-            f"--model.init_args.num_rollouts={k}",
-            "--model.init_args.max_new_tokens=16",
+            f"--model.init_args.candidates.num_rollouts={k}",
+            "--model.init_args.candidates.max_new_tokens=16",
             f"--data.init_args.batch_size={prefixes}",
             "--data.init_args.num_val_prefixes=6",
             "--data.init_args.val_batch_size=6",

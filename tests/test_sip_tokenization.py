@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO
-from tests._dist_sip_script import ScriptedJudge
+from tests.helpers import ScriptedJudge
 
 CORPUS = [
     "Paris is the capital of France. It has two million people, and it is old.",
@@ -79,8 +79,7 @@ def test_rewrite_is_tokenized_in_the_context_of_its_prefix(metaspace_lm):
         metaspace_lm,
         judge=ScriptedJudge(lambda p, c, r: [0.0] * len(c)),
         rewriter=FixedRewriter(rewrites),
-        num_rollouts=0,
-        include_rewrite=True,
+        candidates={"num_rollouts": 0, "include_rewrite": True},
     )
     tok = module.tokenizer
     pre = tok(prefixes, padding=True, padding_side="left", return_tensors="pt")

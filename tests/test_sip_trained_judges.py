@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "sip_trained_judges", REPO / "experiments" / "sip_trained_judges.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_experiment
 
 
 def _unit(x) -> bool:
@@ -24,7 +13,7 @@ def _unit(x) -> bool:
 
 def test_quick_run_writes_the_summary(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    script = _load_script()
+    script = load_experiment("sip_trained_judges")
     out = tmp_path / "summary.json"
     script.main(["--quick", "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
     s = json.loads(out.read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,21 +10,12 @@ import pytest
 import torch
 
 from lit_selfimprove.rewards import MathVerifyReward
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "smol_student_rlvr.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("smol_student_rlvr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return load_experiment("smol_student_rlvr")
 
 
 def _problems(path: Path) -> Path:

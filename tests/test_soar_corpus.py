@@ -67,6 +67,9 @@ def test_reads_a_run_directory_its_parts_and_sampled_questions(run_dir, tmp_path
     assert rows[0]["step"] == 3
     assert len(load_soar_rows(run_dir, dedupe=False)) == 3
     assert [r["question"] for r in load_soar_rows(run_dir, part="samples")] == ["6+6"]
+    assert [r["question"] for r in load_soar_rows(run_dir, part="all")] == ["58+79", "345+678", "6+6"]
+    (run_dir / PARTS["pq"]).unlink()  # a run that never promoted: the samples alone
+    assert [r["question"] for r in load_soar_rows(run_dir, part="all")] == ["6+6"]
     sampled = _write(tmp_path / "grounded_t.jsonl", [{"id": "teacher-0", "question": "1+2", "answer": "3"}])
     assert load_soar_rows(sampled) == [{"id": "teacher-0", "question": "1+2", "answer": "3"}]
 
@@ -144,7 +147,7 @@ def test_materialize_caches_by_content_and_the_tool_writes_a_corpus(run_dir, tmp
     main([str(run_dir), "--part", "samples", "--out", str(out)])
     assert json.loads(capsys.readouterr().out) == {"rows": 1, "documents": 1, "out": str(out)}
     assert json.loads(out.read_text())["text"] == "Q: 6+6\nA: \\boxed{12}"
-    with pytest.raises(SystemExit, match="soar-corpus: .*holds no"):
+    with pytest.raises(SystemExit, match=r"soar-corpus: .*hold\(s\) no"):
         (run_dir / PARTS["pq"]).write_text("")
         main([str(run_dir), "--out", str(out)])
     assert write_corpus([], tmp_path / "empty.jsonl").read_text() == ""

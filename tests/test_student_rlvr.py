@@ -18,34 +18,12 @@ from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
 from lit_selfimprove.modules import StudentRLVR
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.rlvr_config import RLVRConfig
-
-PROMPT = "Q: {question}\nA: "
-
-
-class DigitReward:
-    """Fraction of digits in the completion: cheap, deterministic, never constant."""
-
-    def __call__(self, completions, answers, prompts=None):
-        return torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions])
+from tests.helpers import PROMPT, DigitReward, tiny_trainer
 
 
 class ZeroReward:
     def __call__(self, completions, answers, prompts=None):
         return torch.zeros(len(completions))
-
-
-def _trainer(tmp_path: Path, steps: int, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        **kw,
-    )
 
 
 def test_update_moves_logprobs_toward_rewarded_completions(tiny_random_lm):
@@ -83,7 +61,7 @@ def test_zero_rewards_change_nothing(tiny_random_lm, tmp_path):
     module.configure_model()
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     data = ArithmeticProblemDataModule(levels=[2], num_train=16, num_test=4, batch_size=4)
-    _trainer(tmp_path, 3, limit_val_batches=0).fit(module, data)
+    tiny_trainer(3, tmp_path, logger=True).fit(module, data)
     after = module.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
@@ -107,7 +85,9 @@ def _fit_once(model_dir: str, tmp_path: Path, seed: int) -> tuple[list[dict], li
         num_log_samples=2,
     )
     data = ArithmeticProblemDataModule(levels=[2], num_train=32, num_test=6, batch_size=2, val_batch_size=6)
-    _trainer(tmp_path, 4, val_check_interval=2, check_val_every_n_epoch=None).fit(module, data)
+    tiny_trainer(
+        4, tmp_path, logger=True, limit_val_batches=None, val_check_interval=2, check_val_every_n_epoch=None
+    ).fit(module, data)
     samples = [json.loads(line) for line in open(next(tmp_path.rglob("samples.jsonl")))]
     metrics = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     return samples, metrics
@@ -145,7 +125,7 @@ def test_user_datamodule_with_tuples(tiny_random_lm, tmp_path):
         prompt_template=PROMPT,
         rl=RLVRConfig(group_size=2, max_new_tokens=4, kl_coef=0.0),
     )
-    trainer = _trainer(tmp_path, 2)
+    trainer = tiny_trainer(2, tmp_path, logger=True, limit_val_batches=None)
     trainer.fit(module, TupleProblems())
     assert trainer.global_step == 2
     assert module.ref_model is None  # kl_coef 0: no reference copy kept
@@ -160,7 +140,7 @@ def test_mathverify_reward_is_the_default_and_counts_timeouts(tiny_random_lm, tm
     )
     assert type(module.reward).__name__ == "MathVerifyReward" and module.reward.mode == "shaped"
     data = ArithmeticProblemDataModule(levels=[1], num_train=8, num_test=2, batch_size=2)
-    _trainer(tmp_path, 1, limit_val_batches=0).fit(module, data)
+    tiny_trainer(1, tmp_path, logger=True).fit(module, data)
     assert "train/verify_timeouts" in next(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
 
 
@@ -197,7 +177,7 @@ def test_resume_from_checkpoint_continues_training(tiny_random_lm, tmp_path):
 
     data = ArithmeticProblemDataModule(levels=[2], num_train=32, num_test=4, batch_size=2)
     first = make()
-    trainer = _trainer(tmp_path / "a", 2, limit_val_batches=0)
+    trainer = tiny_trainer(2, tmp_path / "a", logger=True)
     trainer.fit(first, data)
     ckpt = tmp_path / "two.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -211,7 +191,7 @@ def test_resume_from_checkpoint_continues_training(tiny_random_lm, tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             calls.append(batch_idx)
 
-    trainer = _trainer(tmp_path / "b", 3, limit_val_batches=0, callbacks=[CountSteps()])
+    trainer = tiny_trainer(3, tmp_path / "b", logger=True, callbacks=[CountSteps()])
     trainer.fit(resumed, data, ckpt_path=ckpt)
     assert trainer.global_step == 3 and len(calls) == 1  # one more step, not a restart from 0
     start = load_causal_lm(tiny_random_lm).state_dict()

@@ -11,7 +11,6 @@ import csv
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -19,56 +18,25 @@ from lit_selfimprove.callbacks.selection_stats import SelectionStats
 from lit_selfimprove.generation import generate
 from lit_selfimprove.loops.sip import best_classes
 from lit_selfimprove.modeling import load_causal_lm, load_tokenizer
-from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO, select_pairs
+from lit_selfimprove.modules.sip_settings import CandidateConfig, ObjectiveConfig
+from lit_selfimprove.modules.suffix_policy_dpo import SuffixPolicyDPO
 from lit_selfimprove.rl.logprobs import sequence_logprobs
-from tests._dist_sip_script import (
-    BATCH,
-    ROLLOUTS,
-    STEPS,
+from lit_selfimprove.rl.selection import select_pairs
+from tests._dist_sip_script import BATCH, ROLLOUTS, STEPS
+from tests._launch import cached_runs, max_diff
+from tests.helpers import (
+    ModuleJudge,
     ScriptedJudge,
     ToyPrefixSuffixData,
+    csv_metrics,
+    tiny_sip,
+    tiny_trainer,
     toy_documents,
     vowel_share,
 )
-from tests._launch import cached_runs, max_diff
 
 nan = float("nan")
-
-
-def _trainer(tmp_path: Path, steps: int, callbacks=(), logger: bool = True, **kw) -> L.Trainer:
-    kw.setdefault("limit_val_batches", 0)
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run") if logger else False,
-        default_root_dir=tmp_path,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        callbacks=list(callbacks),
-        **kw,
-    )
-
-
-def _module(model: str, judge, **kw) -> SuffixPolicyDPO:
-    kw.setdefault("num_rollouts", 2)
-    kw.setdefault("warmup_steps", 0)
-    kw.setdefault("log_samples_every", 0)
-    return SuffixPolicyDPO(model, judge=judge, **kw)
-
-
-def _metrics(trainer: L.Trainer) -> dict[str, list[float]]:
-    """``{name: [value per logged row]}`` from the CSVLogger's metrics.csv."""
-    trainer.logger.save()
-    out: dict[str, list[float]] = {}
-    with open(Path(trainer.log_dir) / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                if v not in ("", None):
-                    out.setdefault(k, []).append(float(v))
-    return out
+REWRITE_BETA_05 = {"candidates": {"include_rewrite": True}, "optim": {"lr": 1e-3}, "objective": {"beta": 0.5}}
 
 
 def _continuation_logps(model, data: ToyPrefixSuffixData, batch: dict, texts: list[str]) -> torch.Tensor:
@@ -180,11 +148,11 @@ def test_best_classes_separate_strict_wins_from_ties():
 
 def test_rf_nll_trains_on_prefixes_whose_candidates_all_tie(tiny_random_lm, tmp_path):
     judge = ScriptedJudge(lambda p, c, r: [0.5] * len(c))  # no preference: every candidate is a best one
-    module = _module(tiny_random_lm, judge, loss="rf_nll", lr=1e-2)
-    trainer = _trainer(tmp_path, 2)
+    module = tiny_sip(tiny_random_lm, judge, objective={"loss": "rf_nll"}, optim={"lr": 1e-2})
+    trainer = tiny_trainer(2, tmp_path, logger=True)
     trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
 
-    logged = _metrics(trainer)
+    logged = csv_metrics(trainer)
     assert logged["select/pairs"] == [2.0, 2.0] and logged["select/skipped"] == [0.0, 0.0]
     assert logged["select/ties_best"] == [2.0, 2.0] and logged["select/ties_worst"] == [0.0, 0.0]
     assert len(logged["train/rf_nll"]) == 2
@@ -206,11 +174,10 @@ def test_training_step_picks_by_judge_and_reports_sources(tiny_random_lm, tmp_pa
         return [0.0, 0.0, 3.0, 1.0, -1.0]  # rollout 2 best, rewrite worst
 
     judge, rewriter = ScriptedJudge(fn), CopyRewriter()
-    module = _module(
-        tiny_random_lm, judge, rewriter=rewriter, include_rewrite=True, num_rollouts=k, log_samples_every=1
-    )
+    candidates = {"include_rewrite": True, "num_rollouts": k}
+    module = tiny_sip(tiny_random_lm, judge, rewriter=rewriter, candidates=candidates, log_samples_every=1)
     data = ToyPrefixSuffixData(toy_documents(4), suffix_chars=n, batch_size=4)
-    trainer = _trainer(tmp_path, 1)
+    trainer = tiny_trainer(1, tmp_path, logger=True)
     trainer.fit(module, data)
 
     assert module.last_selection == {
@@ -255,9 +222,9 @@ def test_dpo_raises_the_chosen_minus_rejected_log_ratio(tiny_random_lm, tmp_path
     """A fixed batch whose pair is always (suffix, rewrite): the policy's log-ratio over the
     reference grows, step after step (the logged margin is 0 at step 0, where policy = ref)."""
     judge = ScriptedJudge(by_source(rollout=0.0, suffix=1.0, rewrite=-1.0))
-    module = _module(tiny_random_lm, judge, rewriter=CopyRewriter(), include_rewrite=True, lr=1e-3, beta=0.5)
+    module = tiny_sip(tiny_random_lm, judge, rewriter=CopyRewriter(), **REWRITE_BETA_05)
     data = ToyPrefixSuffixData(toy_documents(2), batch_size=2)
-    trainer = _trainer(tmp_path, 4)
+    trainer = tiny_trainer(4, tmp_path, logger=True)
     trainer.fit(module, data)
 
     batch = data.collate(data.train_items)
@@ -270,10 +237,10 @@ def test_dpo_raises_the_chosen_minus_rejected_log_ratio(tiny_random_lm, tmp_path
         module.policy, data, batch, rewrites
     )
     assert (after - before > 0.5).all(), (before, after)
-    margins = _metrics(trainer)["train/dpo_margin"]
+    margins = csv_metrics(trainer)["train/dpo_margin"]
     assert len(margins) == 4 and abs(margins[0]) < 1e-5
     assert all(b > a for a, b in zip(margins, margins[1:])), margins
-    assert _metrics(trainer)["select/chosen_suffix"] == [1.0] * 4
+    assert csv_metrics(trainer)["select/chosen_suffix"] == [1.0] * 4
 
 
 def test_dpo_loss_forward_runs_without_dropout(tiny_random_lm, tmp_path):
@@ -288,18 +255,18 @@ def test_dpo_loss_forward_runs_without_dropout(tiny_random_lm, tmp_path):
     model.save_pretrained(folder)
     load_tokenizer(tiny_random_lm).save_pretrained(folder)
     judge = ScriptedJudge(by_source(rollout=0.0, suffix=1.0, rewrite=-1.0))
-    module = _module(str(folder), judge, rewriter=CopyRewriter(), include_rewrite=True, lr=1e-3, beta=0.5)
-    trainer = _trainer(tmp_path, 1)
+    module = tiny_sip(str(folder), judge, rewriter=CopyRewriter(), **REWRITE_BETA_05)
+    trainer = tiny_trainer(1, tmp_path, logger=True)
     trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
-    assert abs(_metrics(trainer)["train/dpo_margin"][0]) < 1e-6
+    assert abs(csv_metrics(trainer)["train/dpo_margin"][0]) < 1e-6
     assert module.policy.config.attention_dropout == 0.5  # restored after the update
 
 
 def test_rf_nll_lowers_the_chosen_nll_without_a_reference(tiny_random_lm, tmp_path):
     judge = ScriptedJudge(by_source(rollout=0.0, suffix=1.0))
-    module = _module(tiny_random_lm, judge, loss="rf_nll", lr=1e-3)
+    module = tiny_sip(tiny_random_lm, judge, objective={"loss": "rf_nll"}, optim={"lr": 1e-3})
     data = ToyPrefixSuffixData(toy_documents(2), batch_size=2)
-    trainer = _trainer(tmp_path, 4)
+    trainer = tiny_trainer(4, tmp_path, logger=True)
     trainer.fit(module, data)
 
     assert module.ref_model is None  # RF-NLL needs no reference: none is kept
@@ -307,26 +274,14 @@ def test_rf_nll_lowers_the_chosen_nll_without_a_reference(tiny_random_lm, tmp_pa
     before = _continuation_logps(load_causal_lm(tiny_random_lm), data, batch, batch["suffix_text"])
     after = _continuation_logps(module.policy, data, batch, batch["suffix_text"])
     assert (after - before > 1.0).all(), (before, after)
-    nll = _metrics(trainer)["train/rf_nll"]
+    nll = csv_metrics(trainer)["train/rf_nll"]
     assert len(nll) == 4 and all(b < a for a, b in zip(nll, nll[1:])), nll
-    assert "train/dpo_margin" not in _metrics(trainer)
-
-
-class ModuleJudge(torch.nn.Module):
-    """A judge that is an nn.Module with weights (a local HF judge is): never checkpointed."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(4, 1)
-        self.scripted = ScriptedJudge(lambda p, c, r: [vowel_share(x) for x in c])
-
-    def score_candidates(self, prefixes, candidates, references=None):
-        return self.scripted.score_candidates(prefixes, candidates, references)
+    assert "train/dpo_margin" not in csv_metrics(trainer)
 
 
 def test_reference_is_frozen_and_only_the_policy_is_checkpointed(tiny_random_lm, tmp_path):
-    module = _module(tiny_random_lm, ModuleJudge(), lr=1e-2)
-    trainer = _trainer(tmp_path, 2, logger=False)
+    module = tiny_sip(tiny_random_lm, ModuleJudge(), optim={"lr": 1e-2})
+    trainer = tiny_trainer(2, tmp_path)
     trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
 
     ref, initial = module.ref_model, load_causal_lm(tiny_random_lm).state_dict()
@@ -345,15 +300,15 @@ def test_reference_is_frozen_and_only_the_policy_is_checkpointed(tiny_random_lm,
 
 def test_all_skipped_batches_step_the_counters_but_not_the_weights(tiny_random_lm, tmp_path):
     judge = ScriptedJudge(lambda p, c, r: [0.7] * len(c))  # a judge with no preference
-    module = _module(tiny_random_lm, judge, lr=1e-2, weight_decay=0.1, warmup_steps=10)
-    trainer = _trainer(tmp_path, 3)
+    module = tiny_sip(tiny_random_lm, judge, optim={"lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 10})
+    trainer = tiny_trainer(3, tmp_path, logger=True)
     with pytest.warns(UserWarning, match="100% of the prefixes were skipped"):  # not silently
         trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
 
     initial = load_causal_lm(tiny_random_lm).state_dict()
     assert all(torch.equal(v, initial[k]) for k, v in module.policy.state_dict().items())  # no decay
     assert trainer.global_step == 3 and trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
-    logged = _metrics(trainer)
+    logged = csv_metrics(trainer)
     assert logged["select/skipped"] == [2.0] * 3 and logged["select/pairs"] == [0.0] * 3
     assert logged["train/lr"] == pytest.approx([1e-3, 2e-3, 3e-3])  # warmup advanced anyway
     assert "train/loss" not in logged and "select/chosen_rollout" not in logged
@@ -362,8 +317,10 @@ def test_all_skipped_batches_step_the_counters_but_not_the_weights(tiny_random_l
 def test_seeded_runs_repeat_exactly(tiny_random_lm, tmp_path):
     def run(seed: int):
         judge = ScriptedJudge(lambda p, c, r: [vowel_share(x) for x in c])
-        module = _module(tiny_random_lm, judge, num_rollouts=3, lr=1e-2, seed=seed)
-        trainer = _trainer(tmp_path / str(seed), 2, logger=False)
+        module = tiny_sip(
+            tiny_random_lm, judge, candidates={"num_rollouts": 3}, optim={"lr": 1e-2}, seed=seed
+        )
+        trainer = tiny_trainer(2, tmp_path / str(seed))
         trainer.fit(module, ToyPrefixSuffixData(toy_documents(4), batch_size=2))
         return [c["candidates"] for c in judge.calls], module.policy.state_dict()
 
@@ -406,8 +363,8 @@ def test_selection_stats_plot_csv_and_state(tiny_random_lm, tmp_path):
         return [0.0, 2.0, 1.0] if step >= 1 else [0.0, 0.0, 1.0]
 
     stats = SelectionStats(every_n_steps=2, window=2)
-    module = _module(tiny_random_lm, ScriptedJudge(fn), lr=1e-3)
-    trainer = _trainer(tmp_path, 3, callbacks=[stats])
+    module = tiny_sip(tiny_random_lm, ScriptedJudge(fn), optim={"lr": 1e-3})
+    trainer = tiny_trainer(3, tmp_path, logger=True, callbacks=[stats])
     trainer.fit(module, ToyPrefixSuffixData(toy_documents(2), batch_size=2))
 
     out = Path(trainer.log_dir)
@@ -427,7 +384,7 @@ def test_selection_stats_plot_csv_and_state(tiny_random_lm, tmp_path):
     ]
     assert stats.rates() == {"rollout": 1.0, "suffix": 0.0}  # the last 2 steps; no rewrite here
     assert stats.rates(window=0)["rollout"] == pytest.approx(2 / 3)
-    logged = _metrics(trainer)
+    logged = csv_metrics(trainer)
     assert logged["select/chosen_rollout_avg"] == pytest.approx([0.0, 0.5, 1.0])
     # state round trip, also through a checkpoint
     restored = SelectionStats()
@@ -443,12 +400,14 @@ def test_selection_stats_plot_csv_and_state(tiny_random_lm, tmp_path):
 def test_fit_with_validation_logs_judge_components(tiny_random_lm, tmp_path):
     """A user's own DataModule, validation included; a judge without a safety component."""
     judge = ScriptedJudge(lambda p, c, r: [vowel_share(x) for x in c], components=("quality", "factuality"))
-    module = _module(tiny_random_lm, judge, lr=1e-3, val_temperature=0.0, log_samples_every=2)
+    module = tiny_sip(
+        tiny_random_lm, judge, optim={"lr": 1e-3}, validation={"temperature": 0.0}, log_samples_every=2
+    )
     data = ToyPrefixSuffixData(toy_documents(6), val_texts=toy_documents(9)[6:], batch_size=2)
-    trainer = _trainer(tmp_path, 3, limit_val_batches=None, val_check_interval=3)
+    trainer = tiny_trainer(3, tmp_path, logger=True, limit_val_batches=None, val_check_interval=3)
     trainer.fit(module, data)
 
-    logged = _metrics(trainer)
+    logged = csv_metrics(trainer)
     assert trainer.global_step == 3
     for name in ("val/score", "val/quality_win_vs_suffix", "val/factuality", "val/rollout_len"):
         assert len(logged[name]) == 1, name
@@ -483,24 +442,44 @@ def test_cli_builds_the_module_with_an_injected_judge(tiny_random_lm):
         args=[
             f"--model.model={tiny_random_lm}",
             "--model.judge=tests._dist_sip_script.UnevenJudge",
-            "--model.num_rollouts=4",
-            "--model.loss=rf_nll",
+            "--model.candidates.num_rollouts=4",
+            "--model.objective.loss=rf_nll",
             "--trainer.logger=false",
         ],
     )
     assert type(cli.model.judge).__name__ == "UnevenJudge"
-    assert cli.model.hparams.num_rollouts == 4 and cli.model.hparams.loss == "rf_nll"
+    assert (
+        cli.model.hparams.candidates["num_rollouts"] == 4 and cli.model.hparams.objective["loss"] == "rf_nll"
+    )
     assert "judge" not in cli.model.hparams
 
 
 def test_bad_arguments_are_errors(tiny_random_lm):
     judge = ScriptedJudge(lambda p, c, r: [0.0] * len(c))
     with pytest.raises(ValueError, match="loss"):
-        SuffixPolicyDPO(tiny_random_lm, judge=judge, loss="sft")
+        SuffixPolicyDPO(tiny_random_lm, judge=judge, objective=ObjectiveConfig(loss="sft"))
     with pytest.raises(ValueError, match="rewriter"):
-        SuffixPolicyDPO(tiny_random_lm, judge=judge, include_rewrite=True)
+        SuffixPolicyDPO(tiny_random_lm, judge=judge, candidates=CandidateConfig(include_rewrite=True))
     with pytest.raises(ValueError, match="two candidates"):
-        SuffixPolicyDPO(tiny_random_lm, judge=judge, num_rollouts=1, include_suffix=False)
+        SuffixPolicyDPO(
+            tiny_random_lm, judge=judge, candidates=CandidateConfig(num_rollouts=1, include_suffix=False)
+        )
+
+
+def test_each_moved_setting_names_a_field_of_its_group():
+    import dataclasses
+    import typing
+
+    from lit_selfimprove.moved_settings import MOVED, MovedSettingError, check_moved_settings
+
+    hints = typing.get_type_hints(SuffixPolicyDPO.__init__)
+    for old, new in MOVED["SuffixPolicyDPO"].items():
+        group, field = new.split(".")
+        assert old not in hints and group in hints, (old, new)
+        group_class = typing.get_args(hints[group])[0]  # GroupConfig | None
+        assert field in {f.name for f in dataclasses.fields(group_class)}, new
+    with pytest.raises(MovedSettingError, match="candidates.num_rollouts"):
+        check_moved_settings(["fit", "--model", "SuffixPolicyDPO", "--model.init_args.num_rollouts=4"])
 
 
 # ---------------------------------------------------------------------------- distributed

@@ -16,110 +16,21 @@ import lightning as L
 import pytest
 import torch
 
-from lit_selfimprove.datamodules import ArithmeticProblemDataModule
 from lit_selfimprove.datamodules.arithmetic import TINY_TEACHER_PROMPT, teacher_text
-from lit_selfimprove.generation import Rollouts
+from lit_selfimprove.loops import soar as soar_loops
 from lit_selfimprove.loops.teacher_pairs import math_verify_parseable, parse_pair, parse_pairs
-from lit_selfimprove.modules import TeacherMetaRL
-from lit_selfimprove.modules.soar_outer import InnerConfig
+from lit_selfimprove.modules.soar_settings import InnerConfig
 from lit_selfimprove.rewards import MathVerifyReward
 from lit_selfimprove.rl.logprobs import sequence_logprobs
 from lit_selfimprove.rl.teacher_rewards import learnability, learnability_per_question, teacher_advantages
-
-PROMPT = "Q: {question}\nA: "
-
-
-class DigitReward:
-    """Fraction of digits in the completion: cheap, deterministic, never constant in a group."""
-
-    def __call__(self, completions, answers, prompts=None):
-        return torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions])
-
-
-def rollouts_from_texts(tok, prompt: str, texts: list[str]) -> Rollouts:
-    """What the sampler would return had the model written ``texts`` (each ending with EOS)."""
-    enc = tok([prompt] * len(texts), return_tensors="pt", padding=True, padding_side="left")
-    comp = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    width = max(map(len, comp))
-    ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, c in enumerate(comp):
-        ids[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), 1
-    return Rollouts(
-        enc["input_ids"], enc["attention_mask"], ids, mask, list(texts), torch.ones(len(texts), dtype=bool)
-    )
-
-
-class ScriptedTeacher:
-    """Replaces ``sample_teacher_round``: hands out ``texts`` in order, cycling."""
-
-    def __init__(self, module: TeacherMetaRL, texts: list[str]):
-        self.module, self.texts, self.pos, self.calls = module, texts, 0, []
-
-    def __call__(self, num_samples: int) -> Rollouts:
-        chunk = [self.texts[(self.pos + i) % len(self.texts)] for i in range(num_samples)]
-        self.pos += num_samples
-        ro = rollouts_from_texts(self.module.teacher_tokenizer, self.module.teacher_prompt_text(), chunk)
-        self.calls.append(ro)
-        return ro
-
-
-def arithmetic_pairs(count: int, digits: str, seed: int = 0) -> list[str]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        a, b = (
-            int("".join(digits[int(i)] for i in torch.randint(len(digits), (2,), generator=gen)))
-            for _ in range(2)
-        )
-        out.append(teacher_text(f"{a}+{b}", str(a + b)))
-    return out
-
-
-def make_module(model_dir: str, **kw) -> TeacherMetaRL:
-    args = dict(
-        teacher=model_dir,
-        student=model_dir,
-        reward=DigitReward(),
-        teacher_prompt=TINY_TEACHER_PROMPT,
-        prompt_template=PROMPT,
-        num_datasets=2,
-        dataset_size=4,
-        num_repeats=2,
-        inner=InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=1e-2),
-        teacher_max_new_tokens=16,
-        lr=1e-3,
-        warmup_steps=0,
-        answer_check="light",
-        log_samples_every=0,
-    )
-    args.update(kw)
-    return TeacherMetaRL(**args)
-
-
-def fit(module, tmp_path: Path, data=None, **kw) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        **({"limit_val_batches": 0} | kw),
-    )
-    data = data or ArithmeticProblemDataModule(levels=[1], num_train=16, num_test=4, batch_size=4)
-    trainer.fit(module, data)
-    return trainer
-
-
-def clone_state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+from tests.helpers import (
+    ScriptedTeacher,
+    arithmetic_pairs,
+    clone_state,
+    fit_soar,
+    same_state,
+    tiny_soar,
+)
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -193,14 +104,14 @@ def test_learnability_by_hand():
 
 # -------------------------------------------------------------------- rejection sampling
 def test_rejection_sampling_bound_names_the_validity_rate(tiny_random_lm):
-    module = make_module(tiny_random_lm, teacher_batch=4, max_sampling_rounds=2, teacher_max_new_tokens=8)
+    module = tiny_soar(tiny_random_lm, teacher_sampling={"batch": 4, "max_rounds": 2, "max_new_tokens": 8})
     module.configure_model()
     with pytest.raises(RuntimeError, match=r"8 samples \(2 rounds of 4\): validity rate 0\.0%"):
         module.sample_valid_pairs()  # a random teacher never writes a valid pair
 
 
 def test_rejection_sampling_keeps_the_valid_rows(tiny_random_lm):
-    module = make_module(tiny_random_lm, teacher_batch=4, answer_check="math_verify")
+    module = tiny_soar(tiny_random_lm, teacher_sampling={"batch": 4, "answer_check": "math_verify"})
     module.configure_model()
     good = arithmetic_pairs(8, "123456789")
     bad = ["no tags at all", "<question>1+1</question><answer>\\boxed{???}</answer>"]  # 2nd: unparseable
@@ -223,13 +134,13 @@ def test_rejection_sampling_keeps_the_valid_rows(tiny_random_lm):
 
 
 # ------------------------------------------------------------------------- outer step
-def test_baseline_student_is_restored_between_inner_loops(tiny_random_lm, tmp_path):
-    module = make_module(tiny_random_lm, keep_median_students="all")  # every dataset's median
+def test_baseline_student_is_restored_between_inner_loops(tiny_random_lm, tmp_path, monkeypatch):
+    module = tiny_soar(tiny_random_lm, promotion={"keep_median_students": "all"})  # every dataset's median
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     baseline = clone_state(module.student)
     entries, exits = [], []
-    train = module.train_inner_student
+    train = soar_loops.train_inner
 
     def recording(*args, **kwargs):
         entries.append(clone_state(module.student))
@@ -237,24 +148,26 @@ def test_baseline_student_is_restored_between_inner_loops(tiny_random_lm, tmp_pa
         exits.append(clone_state(module.student))
         return out
 
-    module.train_inner_student = recording
-    fit(module, tmp_path)
+    monkeypatch.setattr(soar_loops, "train_inner", recording)
+    fit_soar(module, tmp_path)
     assert len(entries) == 2 * 2  # g datasets x r repeats
     assert all(same_state(baseline, e) for e in entries)  # every inner training starts from the baseline
     assert not any(same_state(baseline, e) for e in exits)  # ... and really trained
     assert same_state(baseline, module.student.state_dict())  # the baseline again after the step
     last = module.last_outer
     for k in range(2):  # the kept student is the (lower) median-reward repeat of dataset k
-        deltas = last["per_repeat"][k]
+        deltas = last.per_repeat[k]
         median = sorted(range(2), key=deltas.__getitem__)[0]
-        assert same_state(exits[2 * k + median], last["median_students"][k])
-        assert last["rewards"][k] == pytest.approx(sum(deltas) / 2)
-    assert next(iter(last["median_students"][0].values())).device.type == "cpu"
+        assert same_state(exits[2 * k + median], last.median_students[k])
+        assert last.rewards[k] == pytest.approx(sum(deltas) / 2)
+    assert next(iter(last.median_students[0].values())).device.type == "cpu"
 
 
 def test_teacher_update_raises_the_best_dataset(tiny_random_lm, tmp_path):
     g, n = 3, 4
-    module = make_module(tiny_random_lm, num_datasets=g, dataset_size=n, lr=1e-3, kl_coef=0.0)
+    module = tiny_soar(
+        tiny_random_lm, num_datasets=g, dataset_size=n, teacher_update={"lr": 1e-3, "kl_coef": 0.0}
+    )
     module.configure_model()
     texts = [t for k, digits in enumerate(("12", "45", "89")) for t in arithmetic_pairs(n, digits, seed=k)]
     scripted = ScriptedTeacher(module, texts)
@@ -275,11 +188,9 @@ def test_teacher_update_raises_the_best_dataset(tiny_random_lm, tmp_path):
     scripted(g * n)  # build the rollouts once to measure before
     before = dataset_logps()
     scripted.pos, scripted.calls = 0, []
-    fit(module, tmp_path)
-    assert module.last_outer["datasets"][0][0]["answer"] == parse_pair(texts[0])[1]
-    torch.testing.assert_close(
-        torch.tensor(module.last_outer["advantages"]), torch.tensor([0.75, 0.0, -0.75])
-    )
+    fit_soar(module, tmp_path)
+    assert module.last_outer.datasets[0][0]["answer"] == parse_pair(texts[0])[1]
+    torch.testing.assert_close(torch.tensor(module.last_outer.advantages), torch.tensor([0.75, 0.0, -0.75]))
     delta = dataset_logps() - before
     # (Adam's first step is sign-like: all log-probs may move together; the ordering is what counts)
     assert delta[0] > delta[1] > delta[2], delta
@@ -296,21 +207,23 @@ class CountingReward:
         return torch.tensor([float(i % self.m < int(a)) for i, a in enumerate(answers)])
 
 
-def test_intrinsic_reward_is_learnability_without_training(tiny_random_lm, tmp_path):
+def test_intrinsic_reward_is_learnability_without_training(tiny_random_lm, tmp_path, monkeypatch):
     m = 4
-    module = make_module(
+    module = tiny_soar(
         tiny_random_lm, teacher_reward="intrinsic", intrinsic_samples=m, reward=CountingReward(m)
     )
     module.configure_model()
     # X_0 answers 0, 1, 2, 4 -> s = 0, .25, .5, 1 -> (0 + .75 + .5 + 0) / 4 = 0.3125; X_1 all 1 -> .75
     qa = [("0+0", "0"), ("0+1", "1"), ("1+1", "2"), ("2+2", "4")] + [("1+0", "1")] * 4
     module.sample_teacher_round = ScriptedTeacher(module, [teacher_text(q, a) for q, a in qa])
-    module.train_inner_student = lambda *a, **k: pytest.fail("intrinsic mode must not train the student")
+    monkeypatch.setattr(
+        soar_loops, "train_inner", lambda *a, **k: pytest.fail("intrinsic mode must not train the student")
+    )
     baseline = clone_state(module.student)
-    fit(module, tmp_path)
+    fit_soar(module, tmp_path)
     last = module.last_outer
-    assert last["rewards"] == pytest.approx([0.3125, 0.75])
-    assert last["success_rates"][0] == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    assert last.rewards == pytest.approx([0.3125, 0.75])
+    assert last.success_rates[0] == pytest.approx([0.0, 0.25, 0.5, 1.0])
     assert same_state(baseline, module.student.state_dict())
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     assert float(rows[0]["teacher/reward_mean"]) == pytest.approx((0.3125 + 0.75) / 2)
@@ -319,18 +232,20 @@ def test_intrinsic_reward_is_learnability_without_training(tiny_random_lm, tmp_p
 
 def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     reward = MathVerifyReward(mode="binary", num_workers=1)
-    module = make_module(
+    module = tiny_soar(
         tiny_random_lm,
         reward=reward,
-        answer_check="auto",
-        kl_coef=0.001,
+        teacher_sampling={"answer_check": "auto"},
+        teacher_update={"kl_coef": 0.001},
         inner=InnerConfig(steps=2, batch=2, group_size=4, max_new_tokens=6, lr=1e-2, kl_coef=0.01),
         log_samples_every=1,
     )
     module.configure_model()
     baseline = clone_state(module.student)
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "0123456789"))
-    trainer = fit(module, tmp_path, limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None)
+    trainer = fit_soar(
+        module, tmp_path, limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None
+    )
     reward.close()
     assert trainer.global_step == 1  # global_step counts outer steps (teacher optimizer steps)
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
@@ -345,12 +260,12 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     samples = [json.loads(line) for line in open(next(tmp_path.rglob("teacher_samples.jsonl")))]
     assert len(samples) == 8 and {"step", "dataset", "reward", "question", "answer"} <= set(samples[0])
     last = module.last_outer
-    assert len(last["datasets"]) == 2 and all(len(d) == 4 for d in last["datasets"])
-    assert len(last["per_repeat"][0]) == 2 and 0.0 <= last["baseline_accuracy"] <= 1.0
+    assert len(last.datasets) == 2 and all(len(d) == 4 for d in last.datasets)
+    assert len(last.per_repeat[0]) == 2 and 0.0 <= last.baseline_accuracy <= 1.0
     # diversity of the step's questions: the Vendi score of all g*n questions, logged as is
     from lit_selfimprove.metrics import HashingNgramEmbedding, vendi_score
 
-    questions = [p["question"] for d in last["datasets"] for p in d]
+    questions = [p["question"] for d in last.datasets for p in d]
     expected = float(vendi_score(HashingNgramEmbedding()(questions)))
     logged_vendi = float(next(r for r in rows if r["teacher/vendi"])["teacher/vendi"])
     assert expected > 1.0 and logged_vendi == pytest.approx(expected, rel=1e-5)
@@ -372,19 +287,19 @@ def test_one_outer_step_end_to_end(tiny_random_lm, tmp_path):
     [
         ({"teacher_reward": "oracle"}, "teacher_reward"),
         ({"num_datasets": 1}, "num_datasets"),
-        ({"answer_check": "strict"}, "answer_check"),
+        ({"teacher_sampling": {"answer_check": "strict"}}, "answer_check"),
         ({"prompt_template": "no field"}, "question"),
-        ({"median": "middle"}, "median"),
-        ({"keep_median_students": "maybe"}, "keep_median_students"),
+        ({"promotion": {"median": "middle"}}, "median"),
+        ({"promotion": {"keep_median_students": "maybe"}}, "keep_median_students"),
         # a promotion installs a kept student: without any, the first promotion (hours in) would fail
-        ({"keep_median_students": False}, "keep_median_students=False keeps none"),
+        ({"promotion": {"keep_median_students": False}}, "keep_median_students=False keeps none"),
         # a real model's prompt says \\boxed{}: str.format would fail at the first step, after loading
         ({"prompt_template": "Q: {question}\\nPut the answer in \\\\boxed{}."}, "braces doubled"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny_random_lm, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        make_module(tiny_random_lm, **kwargs)
+        tiny_soar(tiny_random_lm, **kwargs)
 
 
 def test_median_keeper_holds_at_most_r_plus_g_copies():
@@ -409,8 +324,10 @@ def test_median_keeper_holds_at_most_r_plus_g_copies():
 
 
 def test_keeping_no_students_is_fine_without_promotions(tiny_random_lm):
-    make_module(tiny_random_lm, keep_median_students=False, promote=False)
-    make_module(tiny_random_lm, keep_median_students=False, teacher_reward="intrinsic")  # trains none
+    tiny_soar(tiny_random_lm, promotion={"keep_median_students": False, "promote": False})
+    tiny_soar(
+        tiny_random_lm, promotion={"keep_median_students": False}, teacher_reward="intrinsic"
+    )  # trains none
 
 
 # ------------------------------------------------------------- keep_median_students: disk
@@ -455,7 +372,7 @@ def test_disk_students_live_in_the_run_directory_and_are_removed(tiny_random_lm,
     folder = tmp_path / "run" / "version_0" / "median_students" / "rank_0"
     folder.mkdir(parents=True)
     (folder / "student_5.pt").write_bytes(b"left by a crashed run")
-    module = make_module(tiny_random_lm, keep_median_students="disk", save_teacher=False)
+    module = tiny_soar(tiny_random_lm, promotion={"keep_median_students": "disk"}, save_teacher=False)
     module.configure_model()
     module.sample_teacher_round = ScriptedTeacher(module, arithmetic_pairs(8, "123"))
     seen = []
@@ -465,24 +382,15 @@ def test_disk_students_live_in_the_run_directory_and_are_removed(tiny_random_lm,
             seen.extend(pl_module.median_keeper.states.values())
             seen.append(sorted(p.name for p in folder.iterdir()))
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run", version=0),
-        callbacks=[Look()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, ArithmeticProblemDataModule(levels=[1], num_train=16, num_test=4, batch_size=4))
+    fit_soar(module, tmp_path, version=0, callbacks=[Look()])
     kept, names = seen
     assert Path(kept).parent == folder and names == [Path(kept).name]  # the crash's file is gone
     assert not folder.parent.exists()  # removed at the end of training
     (tmp_path / "not_a_dir").write_text("")
-    module = make_module(
-        tiny_random_lm, keep_median_students="disk", median_students_dir=str(tmp_path / "not_a_dir")
+    module = tiny_soar(
+        tiny_random_lm,
+        promotion={"keep_median_students": "disk", "median_students_dir": str(tmp_path / "not_a_dir")},
     )
     module.sample_teacher_round = lambda num: pytest.fail("an outer step ran before the folder was checked")
     with pytest.raises(RuntimeError, match="not_a_dir"):
-        fit(module, tmp_path / "second")
+        fit_soar(module, tmp_path / "second")

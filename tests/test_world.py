@@ -20,7 +20,7 @@ from lit_selfimprove.datamodules.arithmetic import (
 from lit_selfimprove.modeling import load_tokenizer
 from lit_selfimprove.world import quick_correct
 from lit_selfimprove.worlds.arithmetic import carries
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_scratchpad_is_correct_and_grows_with_level():

@@ -44,7 +44,7 @@ def served_step():
 
     from lit_selfimprove.gguf import resolve_gguf
     from lit_selfimprove.judges import OpenAIChatBackend
-    from tests.test_real_sip import SMOL, sip_step
+    from tests.helpers import SMOL, sip_step
 
     wrapper = shlex.split(os.environ.get("LSI_VLLM_SERVER_WRAPPER", "")) or None
     server = VLLMServer(resolve_gguf(SMOL), max_model_len=1024, ready_timeout=900, wrapper=wrapper)
@@ -62,7 +62,7 @@ def served_step():
 
 @pytest.mark.slow
 def test_served_sip_step_logs_the_parse_rate(served_step):
-    from tests.test_real_sip import check_parse_rate_logged, check_weights
+    from tests.helpers import check_parse_rate_logged, check_weights
 
     module, record, trainer, *_ = served_step
     assert record["judge_generate"] == []  # the judge model never ran in this process
@@ -72,7 +72,7 @@ def test_served_sip_step_logs_the_parse_rate(served_step):
 
 @pytest.mark.slow
 def test_requests_went_to_the_server_and_it_was_stopped(served_step):
-    from tests.test_real_sip import expected_prompts
+    from tests.helpers import expected_prompts
 
     _, record, _, backend, server, pid, group_alive = served_step
     prompts = sum(len(c["prompts"]) for c in record["calls"])

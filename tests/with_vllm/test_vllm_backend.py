@@ -144,7 +144,7 @@ def test_soar_outer_step_rewards_equal_builtin_at_temperature_zero(tmp_path):
 
     from lit_selfimprove.datamodules import ProblemDataModule
     from lit_selfimprove.modules import TeacherMetaRL
-    from lit_selfimprove.modules.soar_outer import InnerConfig
+    from lit_selfimprove.modules.soar_settings import InnerConfig
     from lit_selfimprove.rewards import MathVerifyReward
 
     def run(backend: str) -> tuple[list[dict], object]:
@@ -152,9 +152,10 @@ def test_soar_outer_step_rewards_equal_builtin_at_temperature_zero(tmp_path):
         module = TeacherMetaRL(
             teacher="builtin:tiny-teacher", student="builtin:tiny-student", teacher_prompt=TINY_TEACHER_PROMPT,
             prompt_template=TINY_STUDENT_PROMPT, reward=MathVerifyReward(mode="binary", num_workers=1),
-            num_datasets=2, dataset_size=4, num_repeats=1, teacher_temperature=0.0, teacher_max_new_tokens=160,
+            num_datasets=2, dataset_size=4, num_repeats=1,
+            teacher_sampling={"temperature": 0.0, "max_new_tokens": 160, "answer_check": "light"},
             inner=InnerConfig(steps=2, batch=2, group_size=2, max_new_tokens=40, temperature=0.0, lr=1e-3),
-            answer_check="light", log_samples_every=0, warmup_steps=0, generation={"backend": backend},
+            log_samples_every=0, teacher_update={"warmup_steps": 0}, generation={"backend": backend},
         )  # fmt: skip
         data = ProblemDataModule(train_source="builtin:tiny-hard-train", test_source="builtin:tiny-hard-test",
                                  use_split=False, batch_size=8, val_batch_size=8)  # fmt: skip
