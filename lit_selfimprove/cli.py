@@ -43,6 +43,7 @@ TOOLS = {
     "facts-world": "lit_selfimprove.datamodules.facts_world",
     "judge-labels": "lit_selfimprove.datamodules.tiny_judge_labels",
     "soar-corpus": "lit_selfimprove.datamodules.soar_corpus",
+    "soar-sip": "lit_selfimprove.soar_sip",
 }
 
 

@@ -145,7 +145,12 @@ def test_materialize_caches_by_content_and_the_tool_writes_a_corpus(run_dir, tmp
     assert materialize(f"soar:{run_dir}", cache_dir=tmp_path / "cache") != first  # the file changed
     out = tmp_path / "corpus.jsonl"
     main([str(run_dir), "--part", "samples", "--out", str(out)])
-    assert json.loads(capsys.readouterr().out) == {"rows": 1, "documents": 1, "out": str(out)}
+    assert json.loads(capsys.readouterr().out) == {
+        "rows": 1,
+        "documents": 1,
+        "student_agrees": None,
+        "out": str(out),
+    }
     assert json.loads(out.read_text())["text"] == "Q: 6+6\nA: \\boxed{12}"
     with pytest.raises(SystemExit, match=r"soar-corpus: .*hold\(s\) no"):
         (run_dir / PARTS["pq"]).write_text("")

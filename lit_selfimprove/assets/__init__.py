@@ -26,6 +26,9 @@ BUILTINS = {
     "tiny-strict-test": ASSETS_DIR / "tiny-hard" / "strict.test.jsonl",
     "tiny-facts": ASSETS_DIR / "tiny-facts" / "corpus.jsonl",
     "tiny-sip-policy": ASSETS_DIR / "tiny-sip-policy",
+    # a SOAR run's curriculum: the PQ file and teacher samples of the main job (configs/tiny/soar.yaml,
+    # seed 0, 20 outer steps); the SOAR -> SIP config's default corpus (soar:builtin:tiny-soar)
+    "tiny-soar": ASSETS_DIR / "tiny-soar",
 }
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]

@@ -3,10 +3,12 @@
 A SOAR run writes its curriculum in three forms, all JSONL rows with ``question`` and ``answer``:
 
 * ``promotion_questions.jsonl`` (PQ): the datasets of the promotions (SOAR's D_best);
-* ``teacher_samples.jsonl``: the datasets of the logged outer steps, with their rewards;
+* ``teacher_samples.jsonl``: the datasets of the logged outer steps, with their rewards (every step
+  with ``log_samples_every: 1``);
 * the output of ``sample-questions`` (pairs sampled from a trained teacher).
 
-:func:`load_soar_rows` reads any of them (or a run directory: its PQ file, or ``part="samples"``) and
+:func:`load_soar_rows` reads any of them (or a run directory: its PQ file, ``part="samples"``, or both
+with ``part="all"``, each question once) and
 refuses bad or empty input with a message naming the file, the line and what to do.
 :func:`render_documents` turns rows into documents ``template.format(question=..., solution=...)``,
 where the solution is
@@ -50,38 +52,29 @@ DEFAULT_TEMPLATE = "Q: {question}\nA: {solution}"  # the tiny student's prompt, 
 TEACHER_SOLUTION = "\\boxed{{{answer}}}"
 
 
-def _source_file(path: Path, part: str) -> Path:
-    """The rows file of ``path``: itself, or a run directory's PQ (``part="pq"``) / teacher samples."""
-    if part not in ("auto", *PARTS):
-        raise ValueError(f"part must be one of auto, {', '.join(PARTS)}; got {part!r}")
+def _source_files(path: Path, part: str) -> list[Path]:
+    """The rows files of ``path``: itself, or a run directory's PQ (``part="pq"``, also ``auto``), teacher
+    samples (``samples``) or both, PQ first (``all``; the ones that exist)."""
+    if part not in ("auto", "all", *PARTS):
+        raise ValueError(f"part must be one of auto, all, {', '.join(PARTS)}; got {part!r}")
     if path.is_dir():
-        name = PARTS["pq" if part == "auto" else part]
-        found = path / name
-        if not found.is_file():
+        names = list(PARTS.values()) if part == "all" else [PARTS["pq" if part == "auto" else part]]
+        found = [path / name for name in names if (path / name).is_file()]
+        if not found:
             others = sorted(p.name for p in path.glob("*.jsonl"))
             raise FileNotFoundError(
-                f"{path} is not a SOAR run directory with {name} (it has: {others or 'no .jsonl files'}); "
-                f"pass the run directory of a TeacherMetaRL fit, or a rows file"
+                f"{path} is not a SOAR run directory with {' or '.join(names)} (it has: "
+                f"{others or 'no .jsonl files'}); pass the run directory of a TeacherMetaRL fit, or a rows file"
             )
         return found
     if not path.is_file():
         raise FileNotFoundError(f"no SOAR output at {path}: expected a run directory or a .jsonl rows file")
-    return path
+    return [path]
 
 
-def load_soar_rows(path: str | os.PathLike, part: str = "auto", dedupe: bool = True) -> list[dict]:
-    """The (question, answer) rows of a SOAR output (see the module docstring), in file order.
-
-    Every row needs non-empty string ``question`` and ``answer``; other fields are kept. ``dedupe``
-    keeps the first row of each question.
-
-    Raises:
-        FileNotFoundError: no such file, or a directory without the part's file.
-        ValueError: a line that is not a JSON object with ``question`` / ``answer`` (file:line named), or
-            no rows at all (a PQ file is empty when the run never promoted: use ``part="samples"``).
-    """
-    src = _source_file(Path(path).expanduser(), part)
-    rows, seen = [], set()
+def _read_rows(src: Path) -> list[dict]:
+    """The valid rows of one file (``ValueError`` naming file:line for a bad one)."""
+    rows = []
     with open(src, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -98,6 +91,25 @@ def load_soar_rows(path: str | os.PathLike, part: str = "auto", dedupe: bool = T
                         raise Malformed(f"no non-empty string {key!r} (fields: {sorted(row)})")
             except Malformed as error:
                 raise ValueError(f"{src}:{number}: not a SOAR row: {error}") from None
+            rows.append(row)
+    return rows
+
+
+def load_soar_rows(path: str | os.PathLike, part: str = "auto", dedupe: bool = True) -> list[dict]:
+    """The (question, answer) rows of a SOAR output (see the module docstring), in file order.
+
+    Every row needs non-empty string ``question`` and ``answer``; other fields are kept. ``dedupe``
+    keeps the first row of each question.
+
+    Raises:
+        FileNotFoundError: no such file, or a directory without the part's file.
+        ValueError: a line that is not a JSON object with ``question`` / ``answer`` (file:line named), or
+            no rows at all (a PQ file is empty when the run never promoted: use ``part="samples"``).
+    """
+    sources = _source_files(Path(path).expanduser(), part)
+    rows, seen = [], set()
+    for src in sources:
+        for row in _read_rows(src):
             if dedupe and row["question"] in seen:
                 continue
             seen.add(row["question"])
@@ -106,10 +118,10 @@ def load_soar_rows(path: str | os.PathLike, part: str = "auto", dedupe: bool = T
         hint = (
             " (a SOAR run writes promotion questions only when it promotes; use its teacher samples, "
             "part='samples' / --part samples, or a run that promoted)"
-            if src.name == PARTS["pq"]
+            if [s.name for s in sources] == [PARTS["pq"]]
             else ""
         )
-        raise ValueError(f"{src} holds no (question, answer) rows{hint}")
+        raise ValueError(f"{' and '.join(map(str, sources))} hold(s) no (question, answer) rows{hint}")
     return rows
 
 
@@ -197,6 +209,29 @@ def render_documents(
     return docs
 
 
+def build_corpus(rows: Sequence[dict], keep: str = "all", **render) -> tuple[list[dict], dict]:
+    """:func:`render_documents` of ``rows`` (``render``: its arguments) with ``keep`` applied after, and a
+    summary: rows, documents kept, and the share of student solutions that agree with the teacher's
+    answer over all rendered ones (``None`` for teacher solutions)."""
+    if keep not in ("all", "agree"):
+        raise ValueError(f"keep must be 'all' or 'agree', got {keep!r}")
+    if keep == "agree" and render.get("solutions", "teacher") != "student":
+        raise ValueError("keep='agree' filters student solutions; it needs solutions='student'")
+    docs = render_documents(rows, keep="all", **render)
+    agree = [d["meta"]["agrees"] for d in docs if "agrees" in d["meta"]]
+    kept = [d for d in docs if keep == "all" or d["meta"]["agrees"]]
+    if not kept:
+        raise ValueError(
+            f"no documents left: none of the {len(rows)} student solutions agreed with the teacher"
+        )
+    summary = {
+        "rows": len(rows),
+        "documents": len(kept),
+        "student_agrees": sum(agree) / len(agree) if agree else None,
+    }
+    return kept, summary
+
+
 def write_corpus(docs: Sequence[dict], out: str | os.PathLike) -> Path:
     """Write documents as a JSONL corpus, atomically (a temporary file renamed when complete)."""
     out = Path(out)
@@ -214,8 +249,10 @@ def materialize(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
 
     The cache file is named by a digest of the rows file's content, so a changed file is rendered again
     and an unchanged one is read from the cache (``~/.cache/lit-selfimprove/soar-corpus`` by default)."""
-    path = spec[len(SOAR_PREFIX) :] if spec.startswith(SOAR_PREFIX) else spec
-    src = _source_file(Path(path).expanduser(), "auto")
+    from lit_selfimprove.assets import resolve
+
+    path = resolve(spec[len(SOAR_PREFIX) :] if spec.startswith(SOAR_PREFIX) else spec)  # soar:builtin:tiny-soar
+    src = _source_files(Path(path).expanduser(), "auto")[0]
     digest = hashlib.sha1(src.read_bytes()).hexdigest()[:16]
     root = Path(cache_dir or Path.home() / ".cache" / "lit-selfimprove" / "soar-corpus")
     out = root / f"{src.stem}-{digest}.jsonl"
@@ -235,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="the corpus .jsonl to write")
     parser.add_argument(
-        "--part", default="auto", choices=["auto", *PARTS], help="which file of a run directory"
+        "--part",
+        default="auto",
+        choices=["auto", "all", *PARTS],
+        help="which file of a run directory (all: PQ, then samples)",
     )
     parser.add_argument("--solutions", default="teacher", choices=["teacher", "student"])
     parser.add_argument(
@@ -254,23 +294,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         rows = load_soar_rows(args.source, args.part, dedupe=not args.no_dedupe)
-        docs = render_documents(
+        docs, summary = build_corpus(
             rows,
-            args.solutions,
-            args.template,
+            args.keep,
+            solutions=args.solutions,
+            template=args.template,
             student=args.student,
             student_prompt=args.student_prompt,
             max_new_tokens=args.max_new_tokens,
-            keep=args.keep,
         )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"soar-corpus: {error}") from None
     out = write_corpus(docs, args.out)
-    agree = [d["meta"]["agrees"] for d in docs if "agrees" in d["meta"]]
-    summary = {"rows": len(rows), "documents": len(docs), "out": str(out)}
-    if agree:
-        summary["student_agrees"] = sum(agree) / len(agree)
-    print(json.dumps(summary))
+    print(json.dumps({**summary, "out": str(out)}))
 
 
 if __name__ == "__main__":
