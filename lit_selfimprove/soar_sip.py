@@ -8,7 +8,8 @@ Four stages, each kept in the run directory:
 
 1. ``soar/version_0``: ``fit --config SOAR_CONFIG`` (TeacherMetaRL; PQ file, teacher samples of every
    outer step, promoted students, checkpoints);
-2. ``corpus.jsonl``: SOAR's questions (PQ, then the teacher samples; each question once) rendered as
+2. ``corpus.jsonl``: SOAR's questions (PQ, then the teacher samples, then ``--extra-questions`` files such
+   as ``sample-questions`` output; each question once) rendered as
    documents by :mod:`~lit_selfimprove.datamodules.soar_corpus`, with the solution of the last promoted
    student (the base student when SOAR never promoted) or the teacher's answer (``--solutions``);
    ``--keep agree`` keeps only student solutions whose answer agrees with the teacher's;
@@ -111,11 +112,17 @@ def _corpus(run_dir: Path, args, soar_run: Path) -> dict:
     from lit_selfimprove.datamodules.soar_corpus import build_corpus, load_soar_rows, write_corpus
 
     rows = load_soar_rows(soar_run, part="all")
+    seen = {r["question"] for r in rows}
+    for extra in args.extra_questions or []:  # e.g. sample-questions from the trained teacher (Grounded-T)
+        for row in load_soar_rows(extra):
+            if row["question"] not in seen:
+                seen.add(row["question"])
+                rows.append(row)
     student = promoted_student(soar_run)
     student_name = str(student) if student else _config_model(args.soar_config).get("student")
     docs, summary = build_corpus(
         rows, args.keep, solutions=args.solutions, max_new_tokens=args.max_new_tokens,
-        student=student_name if args.solutions == "student" else None,
+        student=student_name if args.solutions == "student" else None, student_prompt=args.student_prompt,
     )  # fmt: skip
     write_corpus(docs, run_dir / "corpus.jsonl")
     summary = {
@@ -203,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solutions", choices=["student", "teacher"], default="student")
     p.add_argument("--keep", choices=["all", "agree"], default="agree")
     p.add_argument("--max-new-tokens", type=int, default=80, help="student solution budget (tokens)")
+    p.add_argument(
+        "--student-prompt", default="Q: {question}\nA: ", help="the student's prompt for its solutions"
+    )
+    p.add_argument(
+        "--extra-questions", action="append", type=Path, metavar="JSONL",
+        help="more (question, answer) rows for the corpus, e.g. sample-questions output (repeatable)",
+    )  # fmt: skip
     for stage, default in SOAR_SIP_DEFAULTS.items():
         p.add_argument(
             f"--{stage}", action="append", metavar="OVERRIDE",

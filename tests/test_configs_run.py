@@ -34,6 +34,7 @@ SMALL = {
     "sip_dpo_scratch.yaml": ["--data.init_args.batch_size=2"],
     "sip_rf_nll.yaml": ["--model.init_args.candidates.num_rollouts=2", "--data.init_args.batch_size=2"],
     "sip_next_token.yaml": ["--data.init_args.batch_size=2"],
+    "soar_sip_next_token.yaml": ["--data.init_args.batch_size=2"],
     "soar_sip.yaml": ["--model.init_args.candidates.num_rollouts=2", "--data.init_args.batch_size=2"],
     "pretrain_student.yaml": ["--data.init_args.batch_size=4"],
     "pretrain_teacher.yaml": ["--data.init_args.batch_size=4"],

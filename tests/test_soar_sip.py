@@ -115,6 +115,15 @@ def test_a_stage_that_died_before_its_first_checkpoint_starts_over(tmp_path, mon
     assert "--model.init_args.rewriter.init_args.model=builtin:tiny-student" in stages.commands[1][1]
 
 
+def test_extra_questions_join_the_curriculum_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(soar_sip, "_run", FakeStages())
+    sampled = tmp_path / "grounded_t.jsonl"
+    sampled.write_text('{"question": "1+1", "answer": "2"}\n{"question": "7+8", "answer": "15"}\n')
+    soar_sip.main(_args(tmp_path / "loop", "--no-eval", "--extra-questions", str(sampled)))
+    docs = [json.loads(line)["meta"]["question"] for line in open(tmp_path / "loop" / "corpus.jsonl")]
+    assert docs == ["1+1", "2+2", "3+3", "4+4", "5+5", "7+8"]  # 1+1 was SOAR's already
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         soar_sip.main(_args(tmp_path / "x", "--solutions", "teacher", "--keep", "agree"))
