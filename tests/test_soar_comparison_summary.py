@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO
-
-SCRIPT = REPO / "experiments" / "soar_tiny_comparison.py"
+from tests.helpers import REPO, load_experiment
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("soar_tiny_comparison", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("soar_tiny_comparison")
 
 
 def _student(acc: float) -> dict:
