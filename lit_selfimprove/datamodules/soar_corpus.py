@@ -251,7 +251,8 @@ def materialize(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     and an unchanged one is read from the cache (``~/.cache/lit-selfimprove/soar-corpus`` by default)."""
     from lit_selfimprove.assets import resolve
 
-    path = resolve(spec[len(SOAR_PREFIX) :] if spec.startswith(SOAR_PREFIX) else spec)  # soar:builtin:tiny-soar
+    # soar:builtin:tiny-soar -> the bundled run
+    path = resolve(spec[len(SOAR_PREFIX) :] if spec.startswith(SOAR_PREFIX) else spec)
     src = _source_files(Path(path).expanduser(), "auto")[0]
     digest = hashlib.sha1(src.read_bytes()).hexdigest()[:16]
     root = Path(cache_dir or Path.home() / ".cache" / "lit-selfimprove" / "soar-corpus")
