@@ -246,7 +246,7 @@ def plot(summary: dict, runs: dict, path: Path) -> None:
             ax.plot(steps, means, style, color=f"C{k}", label=f"{key.split('_')[1]} ({arm})")
     ax.set_xlabel("SIP step")
     ax.set_ylabel("share of chosen candidates (last 10 steps)")
-    ax.set_title("what SIP chose: solid = SOAR curriculum, dashed = plain corpus", fontsize=9)
+    ax.set_title("SIP's chosen candidate (solid: SOAR curriculum, dashed: plain)", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
