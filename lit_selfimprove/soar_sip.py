@@ -89,13 +89,9 @@ def _fit(
 
 def _last_metrics(csv_path: Path) -> dict[str, float]:
     """The last logged value of every ``val/`` metric of a metrics.csv."""
-    import csv
+    from lit_selfimprove.callbacks.metrics_plot import read_metrics_csv
 
-    out: dict[str, float] = {}
-    with open(csv_path) as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if k.startswith("val/") and v not in ("", None)})
-    return out
+    return {k: v[-1][1] for k, v in read_metrics_csv(csv_path).items() if k.startswith("val/")}
 
 
 def _run(cmd: list[str], stage: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from lit_selfimprove.datamodules.soar_corpus import (
     PARTS,
+    build_corpus,
     load_soar_rows,
     main,
     materialize,
@@ -115,7 +116,7 @@ def test_teacher_documents(run_dir):
     with pytest.raises(ValueError, match="needs a student model"):
         render_documents(load_soar_rows(run_dir), solutions="student")
     with pytest.raises(ValueError, match="needs solutions='student'"):
-        render_documents(load_soar_rows(run_dir), keep="agree")
+        build_corpus(load_soar_rows(run_dir), keep="agree")
 
 
 @needs_assets("tiny-student")
@@ -128,10 +129,11 @@ def test_student_documents_are_the_students_own_solutions(run_dir):
         stated = doc["text"].rsplit("\\boxed{", 1)[-1].split("}")[0]
         assert doc["meta"]["agrees"] == (stated == row["answer"])
         assert doc["meta"]["solution"] == "student"
-    kept = render_documents(
-        rows, solutions="student", student="builtin:tiny-student", max_new_tokens=40, keep="agree"
+    kept, summary = build_corpus(
+        rows, "agree", solutions="student", student="builtin:tiny-student", max_new_tokens=40
     )
     assert [d["id"] for d in kept] == [d["id"] for d in docs if d["meta"]["agrees"]]
+    assert summary["student_agrees"] == sum(d["meta"]["agrees"] for d in docs) / len(docs)
 
 
 def test_materialize_caches_by_content_and_the_tool_writes_a_corpus(run_dir, tmp_path, capsys):

@@ -16,7 +16,7 @@ where the solution is
 * ``teacher``: the teacher's answer, boxed (``teacher_solution``, default ``\\boxed{answer}``), or
 * ``student``: a student model's own greedy solution to the question (e.g. the promoted student);
   each document records whether its final answer agrees with the teacher's (math-verify), and
-  ``keep="agree"`` keeps only those that do.
+  :func:`build_corpus`'s ``keep="agree"`` keeps only those that do.
 
 ``python -m lit_selfimprove soar-corpus RUN_DIR --out corpus.jsonl`` writes the documents as a JSONL
 corpus (``text`` + ``meta``), which ``PrefixSuffixDataModule`` streams like any corpus (same splits,
@@ -153,19 +153,14 @@ def render_documents(
     student_prompt: str = "Q: {question}\nA: ",
     max_new_tokens: int = 96,
     batch_size: int = 32,
-    keep: str = "all",
 ) -> list[dict]:
     """Documents ``{"id", "text", "meta"}`` from SOAR rows (see the module docstring).
 
     ``meta`` holds the row's ``question``, ``answer``, its SOAR fields (step, promotion, dataset,
     reward) and ``solution`` (``teacher`` / ``student``); student documents also ``agrees`` (their final
-    answer is math-verify-equivalent to the teacher's)."""
+    answer is math-verify-equivalent to the teacher's); :func:`build_corpus` filters on it."""
     if solutions not in ("teacher", "student"):
         raise ValueError(f"solutions must be 'teacher' or 'student', got {solutions!r}")
-    if keep not in ("all", "agree"):
-        raise ValueError(f"keep must be 'all' or 'agree', got {keep!r}")
-    if keep == "agree" and solutions != "student":
-        raise ValueError("keep='agree' filters student solutions; it needs solutions='student'")
     for name, value, fields in (
         ("template", template, ("question", "solution")),
         ("teacher_solution", teacher_solution, ("answer",)),
@@ -192,8 +187,6 @@ def render_documents(
             verify.close()
     docs = []
     for i, (row, solution, agree) in enumerate(zip(rows, texts, agrees)):
-        if keep == "agree" and not agree:
-            continue
         meta = {k: v for k, v in row.items() if k not in ("id",)}
         meta["solution"] = solutions
         if agree is not None:
@@ -201,10 +194,6 @@ def render_documents(
         doc_id = str(row.get("id", f"soar-{i}"))
         docs.append(
             {"id": doc_id, "text": template.format(question=row["question"], solution=solution), "meta": meta}
-        )
-    if not docs:
-        raise ValueError(
-            f"no documents left: none of the {len(rows)} student solutions agreed with the teacher"
         )
     return docs
 
@@ -217,7 +206,7 @@ def build_corpus(rows: Sequence[dict], keep: str = "all", **render) -> tuple[lis
         raise ValueError(f"keep must be 'all' or 'agree', got {keep!r}")
     if keep == "agree" and render.get("solutions", "teacher") != "student":
         raise ValueError("keep='agree' filters student solutions; it needs solutions='student'")
-    docs = render_documents(rows, keep="all", **render)
+    docs = render_documents(rows, **render)
     agree = [d["meta"]["agrees"] for d in docs if "agrees" in d["meta"]]
     kept = [d for d in docs if keep == "all" or d["meta"]["agrees"]]
     if not kept:
